@@ -1,0 +1,141 @@
+"""LoraConfig: what one adapter looks like, validated once on construction."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = ("kaiming", "gaussian", "zeros", "random")
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Settings of one LoRA adapter: h = W0 x + s * B A x with s = alpha / r.
+
+    Lists given for `targets`, `exclude`, `layers` and `modules_to_save` are stored as tuples.
+    """
+
+    r: int = 8
+    """Rank of the update: A is (r x in), B is (out x r)."""
+    alpha: float = 8
+    """Numerator of the scale s = alpha / r (alpha / sqrt(r) with `use_rslora`)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input only; 0 means the input is used as is, with no copy."""
+    targets: str | Sequence[str] = ALL_LINEAR
+    """Module-name suffixes (["q_proj", "v_proj"]), a regular expression fully matching the module
+    path, or "all-linear" (every Linear/Conv1D except the output head)."""
+    exclude: str | Sequence[str] | None = None
+    """Modules never adapted, given like `targets` (suffixes or a full-path regular expression)."""
+    layers: Sequence[int] | None = None
+    """Only adapt modules in these block indices (the first number in the module path)."""
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: key is a regular expression matching the end of the module path."""
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides, keys as in `rank_pattern`."""
+    bias: str = "none"
+    """Which biases train: "none", "all" (every bias in the model) or "lora_only" (adapted modules')."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA: s = alpha / sqrt(r), so larger ranks keep learning at the same rate."""
+    init: str = "kaiming"
+    """A's initialisation: "kaiming" (uniform, a=sqrt(5), the reference), "gaussian" (std 1/r); B starts
+    at zero for both, so a fresh adapter changes nothing. "zeros" makes A and B zero (a placeholder to
+    load weights into), "random" makes B random too (a non-identity adapter, for tests)."""
+    modules_to_save: Sequence[str] | None = None
+    """Modules (suffixes) trained in full beside the adapter, e.g. a classification head."""
+
+    def __post_init__(self) -> None:
+        for name in ("targets", "exclude", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        problems = self._problems()
+        if problems:
+            raise ValueError("invalid LoraConfig:\n  " + "\n  ".join(problems))
+
+    def _problems(self) -> list[str]:
+        problems = []
+        if not _is_int(self.r) or self.r < 1:
+            problems.append(f"r must be an integer >= 1, got {self.r!r}")
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            problems.append(f"alpha must be a number > 0, got {self.alpha!r}")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in BIAS_MODES:
+            problems.append(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
+        if self.init not in INIT_MODES:
+            problems.append(f"init must be one of {', '.join(INIT_MODES)}, got {self.init!r}")
+        problems += _pattern_problems("targets", self.targets, allow_none=False)
+        problems += _pattern_problems("exclude", self.exclude, allow_none=True)
+        problems += _pattern_problems("modules_to_save", self.modules_to_save, allow_none=True)
+        if isinstance(self.modules_to_save, str):
+            problems.append(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        if self.layers is not None and not all(_is_int(i) and i >= 0 for i in self.layers):
+            problems.append(f"layers must be non-negative block indices, got {list(self.layers)!r}")
+        for key, rank in self.rank_pattern.items():
+            if not _is_int(rank) or rank < 1:
+                problems.append(f"rank_pattern[{key!r}] must be an integer >= 1, got {rank!r}")
+            problems += _regex_problems(f"rank_pattern key {key!r}", key)
+        for key, alpha in self.alpha_pattern.items():
+            if not _is_number(alpha) or alpha <= 0:
+                problems.append(f"alpha_pattern[{key!r}] must be a number > 0, got {alpha!r}")
+            problems += _regex_problems(f"alpha_pattern key {key!r}", key)
+        return problems
+
+    def rank_for(self, path: str) -> int:
+        """The rank used for the module at `path` (a `rank_pattern` match, else `r`)."""
+        key = _pattern_key(self.rank_pattern, path)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha used for the module at `path` (an `alpha_pattern` match, else `alpha`)."""
+        key = _pattern_key(self.alpha_pattern, path)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.alpha)
+
+    def scale_for(self, path: str) -> float:
+        """s = alpha / r, or alpha / sqrt(r) with rsLoRA, for the module at `path`."""
+        rank = self.rank_for(path)
+        return self.alpha_for(path) / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def _pattern_key(patterns: Mapping[str, object], path: str) -> str | None:
+    # Same rule as PEFT's rank_pattern: the key must match a whole trailing part of the path.
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pattern_problems(name: str, value: object, allow_none: bool) -> list[str]:
+    if value is None:
+        return [] if allow_none else [f"{name} must be given"]
+    if isinstance(value, str):
+        return [] if value == ALL_LINEAR else _regex_problems(name, value)
+    if not all(isinstance(v, str) and v for v in value):  # type: ignore[attr-defined]
+        return [f"{name} must be a regular expression or a list of module names, got {value!r}"]
+    if len(value) == 0 and not allow_none:  # type: ignore[arg-type]
+        return [f"{name} must not be an empty list"]
+    return []
+
+
+def _regex_problems(name: str, pattern: str) -> list[str]:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        return [f"{name} is not a valid regular expression ({err}): {pattern!r}"]
+    return []

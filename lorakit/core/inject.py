@@ -1,0 +1,194 @@
+"""add_adapter: find the target modules, wrap them in LoRA layers in place, mark what trains."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+from lorakit.core.adapters import adapter_configs, set_adapter
+from lorakit.core.config import ALL_LINEAR, LoraConfig
+from lorakit.core.full_copies import ModulesToSave
+from lorakit.core.layers import LORA_LAYERS, SUPPORTED_MODULES, base_kind, wrap
+from lorakit.core.walk import model_modules, replace_module
+
+_LINEAR_KINDS = ("linear", "conv1d", "quantized")
+# Output heads that "all-linear" leaves alone when the model does not name its own through
+# get_output_embeddings() (classification and QA heads of transformers models).
+_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+
+
+def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
+    """Add a LoRA adapter to `model` in place and make it the active, trainable one.
+
+    The model keeps its class. Every parameter outside the new adapter is frozen, except the
+    biases `config.bias` names and the `modules_to_save` copies. Other adapters stay in place.
+
+    Args:
+        model: any nn.Module, e.g. a transformers model.
+        config: the adapter's settings.
+        name: the adapter's name; must be new to this model.
+
+    Returns:
+        The same model object.
+
+    Raises:
+        ValueError: the name is taken, a target matches nothing, or r exceeds a module's size.
+        TypeError: a target names a module lorakit cannot adapt.
+    """
+    _check_name(model, name)
+    targets = find_targets(model, config)
+    _check_ranks(targets, config)
+    save_paths = _modules_to_save(model, config)
+
+    # Everything is validated above: from here on the model changes and nothing raises.
+    for path, module in targets:
+        layer = module if isinstance(module, LORA_LAYERS) else wrap(module, path)
+        if layer is not module:
+            replace_module(model, path, layer)
+        layer.add(name, config.rank_for(path), config.scale_for(path), config.dropout, config.init)
+    for path in save_paths:
+        holder = model.get_submodule(path)
+        if not isinstance(holder, ModulesToSave):
+            holder = ModulesToSave(holder, path)
+            replace_module(model, path, holder)
+        holder.add(name)
+
+    adapter_configs(model)[name] = config
+    model.requires_grad_(False)
+    set_adapter(model, name)  # marks the new adapter's A/B (and copies) trainable
+    _mark_biases(model, config)
+    return model
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every module `config` adapts, checked to be of a supported kind."""
+    heads = _output_heads(model)
+    found: list[tuple[str, nn.Module]] = []
+    for path, module in model_modules(model):
+        if isinstance(module, ModulesToSave) or not _selected(config, path, module, heads):
+            continue
+        if base_kind(_unwrapped(module)) is None:
+            raise TypeError(
+                f"target {path!r} is a {type(module).__name__}, which lorakit cannot adapt; "
+                f"supported modules: {SUPPORTED_MODULES}"
+            )
+        found.append((path, module))
+    if not found:
+        raise ValueError(
+            f"targets {_describe(config.targets)} matched no module"
+            f"{' in layers ' + str(list(config.layers)) if config.layers is not None else ''}; "
+            f"linear modules in this model: {', '.join(linear_module_names(model)) or 'none'}"
+        )
+    return found
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct last names of the model's adaptable linear modules (q_proj, k_proj, ...)."""
+    names = [path.rsplit(".", 1)[-1] for path, m in model_modules(model)
+             if base_kind(_unwrapped(m)) in _LINEAR_KINDS]
+    return list(dict.fromkeys(names))
+
+
+def layer_index(path: str) -> int | None:
+    """The block index of a module: the first number in its path (model.layers.3.mlp -> 3)."""
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+    return int(match.group(1)) if match else None
+
+
+def _selected(config: LoraConfig, path: str, module: nn.Module, heads: list[nn.Module]) -> bool:
+    if config.targets == ALL_LINEAR:
+        base = _unwrapped(module)
+        chosen = base_kind(base) in _LINEAR_KINDS and not any(base is head for head in heads)
+    else:
+        chosen = _matches(config.targets, path)
+    if not chosen or (config.exclude is not None and _matches(config.exclude, path)):
+        return False
+    if config.modules_to_save and any(_matches(config.modules_to_save, p) for p in _prefixes(path)):
+        return False  # a module trained in full is never also adapted (nor anything inside it)
+    return config.layers is None or layer_index(path) in config.layers
+
+
+def _matches(pattern: str | Sequence[str], path: str) -> bool:
+    """A string is a regular expression over the full path; a list holds name suffixes."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, path) is not None
+    return any(path == key or path.endswith("." + key) for key in pattern)
+
+
+def _prefixes(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, LORA_LAYERS) else module
+
+
+def _output_heads(model: nn.Module) -> list[nn.Module]:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    heads = [_unwrapped(m) for p, m in model_modules(model) if p.rsplit(".", 1)[-1] in _HEAD_NAMES]
+    return heads + ([_unwrapped(head)] if head is not None else [])
+
+
+def _describe(targets: str | Sequence[str]) -> str:
+    return repr(targets) if isinstance(targets, str) else repr(list(targets))
+
+
+def _check_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in adapter_configs(model):
+        raise ValueError(
+            f"adapter {name!r} already exists on this model (adapters: {', '.join(adapter_configs(model))}); "
+            "choose another name or delete_adapter() it first"
+        )
+
+
+def _check_ranks(targets: list[tuple[str, nn.Module]], config: LoraConfig) -> None:
+    too_big = []
+    for path, module in targets:
+        layer_in, layer_out = _in_out(_unwrapped(module))
+        rank = config.rank_for(path)
+        if rank > min(layer_in, layer_out):
+            too_big.append(f"{path} ({layer_in} -> {layer_out}): r={rank} > {min(layer_in, layer_out)}")
+    if too_big:
+        raise ValueError("r must not exceed min(in, out) of the module:\n  " + "\n  ".join(too_big))
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    kind = base_kind(module)
+    if kind == "conv1d":
+        rows, cols = module.weight.shape  # type: ignore[union-attr,misc]
+        return int(rows), int(cols)
+    if kind == "embedding":
+        return int(module.num_embeddings), int(module.embedding_dim)  # type: ignore[arg-type]
+    return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
+
+
+def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    paths = [p for p, _ in model_modules(model) if _matches(config.modules_to_save, p)]
+    missing = [key for key in config.modules_to_save if not any(_matches((key,), p) for p in paths)]
+    if missing:
+        top = ", ".join(name for name, _ in model.named_children())
+        raise ValueError(f"modules_to_save {missing} matched no module; top-level modules: {top}")
+    for path in paths:
+        if isinstance(model.get_submodule(path), LORA_LAYERS):
+            raise ValueError(f"modules_to_save names {path!r}, which already has LoRA adapters")
+    return paths
+
+
+def _mark_biases(model: nn.Module, config: LoraConfig) -> None:
+    if config.bias == "all":
+        for name, param in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                param.requires_grad_(True)
+    elif config.bias == "lora_only":
+        for _, module in model_modules(model):
+            bias = getattr(module.base, "bias", None) if isinstance(module, LORA_LAYERS) else None
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_(True)

@@ -1,0 +1,221 @@
+"""LoRA layers: a frozen base module with named low-rank adapters beside it.
+
+A layer holds `base` (the original module, untouched) and, per adapter name, A (r x in) and
+B (out x r) in `nn.ModuleDict`s, so state-dict keys read `<path>.lora_A.<name>.weight` as in PEFT.
+Which adapters run is the list `active_adapters`; which are folded into the base weight is
+`merged_adapters` (kept in merge order). Nothing here changes state behind the caller's back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODULES = "nn.Linear, transformers' Conv1D, nn.Embedding and lorakit's NF4Linear"
+
+
+def base_kind(module: nn.Module) -> str | None:
+    """The kind of base module a LoRA layer can wrap, or None when unsupported."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    # transformers' Conv1D (GPT-2) is matched by name so core never imports transformers.
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return "conv1d"
+    if callable(getattr(module, "dequantize_weight", None)) and hasattr(module, "in_features"):
+        return "quantized"
+    return None
+
+
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """Adapters train in fp32 beside half-precision or quantized bases, otherwise in the base dtype."""
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float64):
+        return weight.dtype
+    return torch.float32
+
+
+def base_device(base: nn.Module) -> torch.device:
+    for tensor in [*base.parameters(), *base.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
+
+
+class LoraLinear(nn.Module):
+    """h = base(x) + sum over active adapters of s * B(A(dropout(x))).
+
+    x: (..., in) -> h: (..., out). Wraps nn.Linear, Conv1D (weight stored in x out) and NF4Linear.
+    """
+
+    def __init__(self, base: nn.Module, path: str) -> None:
+        super().__init__()
+        kind = base_kind(base)
+        if kind not in ("linear", "conv1d", "quantized"):
+            raise TypeError(f"LoraLinear cannot wrap {type(base).__name__} at {path!r}")
+        self.base = base
+        self.path = path
+        self.kind = kind
+        # Conv1D stores its weight in x out, so deltas are transposed when merged into it.
+        self.fan_in_fan_out = kind == "conv1d"
+        if kind == "conv1d":
+            rows, cols = cast(torch.Tensor, base.weight).shape
+            self.in_features, self.out_features = int(rows), int(cols)
+        else:
+            self.in_features, self.out_features = int(base.in_features), int(base.out_features)  # type: ignore[arg-type]
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    def add(self, name: str, r: int, scale: float, dropout: float, init: str) -> None:
+        """Create adapter `name` of rank r; with init "kaiming" or "gaussian" it changes nothing yet."""
+        device, dtype = base_device(self.base), adapter_dtype(self.base)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = scale
+        init_linear_adapter(self.a(name).weight, self.b(name).weight, init)
+
+    def a(self, name: str) -> nn.Linear:
+        """Adapter `name`'s A projection (in -> r)."""
+        return cast(nn.Linear, self.lora_A[name])
+
+    def b(self, name: str) -> nn.Linear:
+        """Adapter `name`'s B projection (r -> out)."""
+        return cast(nn.Linear, self.lora_B[name])
+
+    def delete(self, name: str) -> None:
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+            del store[name]
+        del self.scaling[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B @ A in fp32, laid out like the base weight (out x in, or in x out for Conv1D)."""
+        a = self.a(name).weight.float()
+        b = self.b(name).weight.float()
+        delta = (b @ a) * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            lora_a = self.a(name)
+            x_in = x.to(lora_a.weight.dtype)  # no copy when the dtypes already agree
+            update = self.b(name)(lora_a(self.lora_dropout[name](x_in))) * self.scaling[name]
+            result = result + update.to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        ranks = {name: a.out_features for name, a in self.lora_A.items()}  # type: ignore[union-attr]
+        return f"in={self.in_features}, out={self.out_features}, ranks={ranks}, active={self.active_adapters}"
+
+
+class LoraEmbedding(nn.Module):
+    """h = base(ids) + sum over active adapters of s * (A^T[ids]) B^T.
+
+    ids: (...) -> h: (..., dim). As in PEFT, A (r x num_embeddings) starts at zero and B
+    (dim x r) random, and no dropout applies to token ids.
+    """
+
+    def __init__(self, base: nn.Embedding, path: str) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Embedding):
+            raise TypeError(f"LoraEmbedding cannot wrap {type(base).__name__} at {path!r}")
+        self.base = base
+        self.path = path
+        self.kind = "embedding"
+        self.fan_in_fan_out = False
+        self.in_features, self.out_features = base.num_embeddings, base.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    def add(self, name: str, r: int, scale: float, dropout: float, init: str) -> None:
+        device, dtype = base_device(self.base), adapter_dtype(self.base)
+        a = torch.zeros(r, self.in_features, device=device, dtype=dtype)
+        b = torch.zeros(self.out_features, r, device=device, dtype=dtype)
+        if init != "zeros":
+            nn.init.normal_(b)
+        if init == "random":
+            nn.init.normal_(a)
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+        self.scaling[name] = scale
+
+    def delete(self, name: str) -> None:
+        del self.lora_embedding_A[name]
+        del self.lora_embedding_B[name]
+        del self.scaling[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    @property
+    def lora_A(self) -> nn.ParameterDict:
+        """Same name as on LoraLinear, so code listing adapters treats both kinds alike."""
+        return self.lora_embedding_A
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * (B @ A)^T in fp32: (num_embeddings x dim), like the embedding weight."""
+        a = self.lora_embedding_A[name].float()
+        b = self.lora_embedding_B[name].float()
+        return (b @ a).T * self.scaling[name]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        result = self.base(ids)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name in self.merged_adapters or name not in self.lora_embedding_A:
+                continue
+            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            rows = F.embedding(ids, a.T, padding_idx=self.base.padding_idx, max_norm=self.base.max_norm,
+                               norm_type=self.base.norm_type, scale_grad_by_freq=self.base.scale_grad_by_freq,
+                               sparse=self.base.sparse)
+            result = result + ((rows @ b.T) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+LORA_LAYERS = (LoraLinear, LoraEmbedding)
+LoraLayer = LoraLinear | LoraEmbedding
+
+
+def init_linear_adapter(a: torch.Tensor, b: torch.Tensor, init: str) -> None:
+    """Initialise A (r x in) and B (out x r) in place; B = 0 unless init is "random"."""
+    with torch.no_grad():
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # the reference implementation's choice
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1 / a.shape[0])
+        elif init == "random":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            return
+        elif init == "zeros":
+            a.zero_()
+        else:
+            raise ValueError(f"unknown init {init!r}")
+        b.zero_()
+
+
+def wrap(module: nn.Module, path: str) -> LoraLinear | LoraEmbedding:
+    """A new LoRA layer around `module`, which must be a supported kind."""
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module, path)
+    return LoraLinear(module, path)

@@ -1,0 +1,58 @@
+import math
+
+import pytest
+
+from lorakit import LoraConfig
+
+
+def test_defaults_and_lists_become_tuples():
+    config = LoraConfig(targets=["q_proj", "v_proj"], layers=[0, 2])
+    assert config.targets == ("q_proj", "v_proj")
+    assert config.layers == (0, 2)
+    assert config.scale_for("x.q_proj") == 1.0
+
+
+def test_frozen():
+    config = LoraConfig()
+    with pytest.raises(AttributeError):
+        config.r = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"r": 0}, "r must be an integer >= 1, got 0"),
+        ({"r": 2.5}, "r must be an integer"),
+        ({"alpha": 0}, "alpha must be a number > 0, got 0"),
+        ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
+        ({"bias": "some"}, "bias must be one of none, all, lora_only, got 'some'"),
+        ({"init": "xavier"}, "init must be one of kaiming, gaussian, zeros, random, got 'xavier'"),
+        ({"targets": "("}, "targets is not a valid regular expression"),
+        ({"targets": []}, "targets must not be an empty list"),
+        ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] must be an integer >= 1"),
+        ({"layers": [-1]}, "layers must be non-negative block indices"),
+    ],
+)
+def test_invalid_values_are_named(kwargs, fragment):
+    with pytest.raises(ValueError) as err:
+        LoraConfig(**kwargs)
+    assert fragment in str(err.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ValueError) as err:
+        LoraConfig(r=0, alpha=-1, dropout=2)
+    message = str(err.value)
+    assert "r must" in message and "alpha must" in message and "dropout must" in message
+
+
+def test_patterns_and_rslora_scale():
+    config = LoraConfig(r=8, alpha=16, rank_pattern={"v_proj": 4}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+                        use_rslora=True)
+    assert config.rank_for("model.layers.0.self_attn.v_proj") == 4
+    assert config.rank_for("model.layers.0.self_attn.q_proj") == 8
+    assert config.alpha_for("model.layers.1.self_attn.q_proj") == 2
+    assert config.alpha_for("model.layers.0.self_attn.q_proj") == 16
+    assert math.isclose(config.scale_for("model.layers.0.self_attn.v_proj"), 16 / 2)
+    # a pattern key must match a whole trailing part of the path, as in PEFT
+    assert config.rank_for("model.layers.0.self_attn.xv_proj") == 8
