@@ -1,0 +1,193 @@
+"""NF4Linear: a frozen linear layer whose weight is stored in NF4 (the QLoRA base layer).
+
+    y = x W^T + b,   W (out x in) dequantized from 4 bits on the fly in ``compute_dtype``
+
+The quantized weight lives in buffers (``.to(device)`` moves them, optimizers never see them);
+only the full-precision bias, frozen, stays a parameter. The dequantized weight exists only for
+the matmul: backward dequantizes it again rather than keeping it alive between the passes, which
+is what makes a 4-bit base cheap in memory while training adapters on top of it.
+
+The LoRA layer treats any module with ``in_features``, ``out_features`` and
+``dequantize_weight()`` as a quantized linear; keep those names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.quant.nf4 import SUPPORTED_DTYPES, NF4Tensor, dequantize_nf4, quantize_nf4
+
+# Buffers holding the NF4 weight, in NF4Tensor field order; the last two exist with double quant only.
+_QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_offset")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2 style: a linear with its weight stored in x out).
+
+    Checked by class name so that this package never imports transformers.
+    """
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+class _NF4Linear(torch.autograd.Function):
+    """``x W^T + b`` with W dequantized in the forward pass and again in the backward pass.
+
+    Nothing is saved for backward: not the input (the weight gets no gradient) and not the
+    dequantized weight, which backward rebuilds from the 4-bit buffers; the price is one extra
+    dequantization per backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight
+        return F.linear(x, dequantize_nf4(weight, x.dtype), bias)  # (..., in) -> (..., out)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_nf4(ctx.weight, grad_out.dtype)  # (..., out) @ (out, in)
+        if ctx.needs_input_grad[2]:  # only if someone unfroze the bias
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer with an NF4 weight: ``y = x W^T + b``, W (out x in) dequantized per call.
+
+    Build one with :meth:`from_linear`. Input of any floating dtype is cast to ``compute_dtype``
+    for the matmul and the output is cast back, as bitsandbytes' ``Linear4bit`` does. Only the
+    input gets a gradient: the weight and the bias are frozen.
+
+    Attributes:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: the original bias in its original dtype, frozen (``requires_grad=False``), or None.
+        compute_dtype: dtype the weight is dequantized to for the matmul.
+        weight_dtype: dtype of the original weight (the default of :meth:`dequantize_weight`).
+        block_size: NF4 block size of the weight.
+    """
+
+    def __init__(
+        self, weight: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None
+    ):
+        """Wrap an already quantized weight; most callers want :meth:`from_linear`.
+
+        Args:
+            weight: the NF4 weight, shape (out_features, in_features).
+            bias: optional bias of shape (out_features,); copied and frozen.
+            compute_dtype: float32, float16 or bfloat16; defaults to the weight's original dtype.
+        """
+        super().__init__()
+        if not isinstance(weight, NF4Tensor) or len(weight.shape) != 2:
+            got = tuple(weight.shape) if isinstance(weight, NF4Tensor) else type(weight).__name__
+            raise ValueError(f"NF4Linear needs a 2-D NF4Tensor weight (out x in), got {got}")
+        compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
+        if compute_dtype not in SUPPORTED_DTYPES:
+            accepted = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+            raise ValueError(f"compute_dtype must be one of {accepted}; got {compute_dtype}")
+        self.out_features, self.in_features = weight.shape
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        self.compute_dtype = compute_dtype
+        self.weight_dtype = weight.dtype
+        self.block_size = weight.block_size
+        tensors = (weight.codes, weight.absmax, weight.absmax_scale, weight.absmax_offset)
+        for name, tensor in zip(_QUANT_BUFFERS, tensors, strict=True):
+            self.register_buffer(name, tensor)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(
+        cls,
+        module: nn.Module,
+        compute_dtype: torch.dtype | None = None,
+        block_size: int = 64,
+        double_quant: bool = True,
+    ) -> NF4Linear:
+        """Quantize an ``nn.Linear`` or a transformers ``Conv1D`` (weight stored in x out) to NF4.
+
+        The weight is quantized where it lies (quantizing on the GPU is fast); ``module`` is left
+        unchanged.
+
+        Args:
+            module: the layer to quantize.
+            compute_dtype: dtype of the matmul; defaults to the weight's dtype.
+            block_size: values per NF4 scale, a power of two from 32 to 4096.
+            double_quant: quantize the scales too (4.127 instead of 4.5 bits per parameter).
+
+        Returns:
+            A new NF4Linear computing (up to quantization error) what ``module`` computed.
+
+        Raises:
+            TypeError: ``module`` is already an NF4Linear, or neither nn.Linear nor Conv1D.
+        """
+        if isinstance(module, NF4Linear):
+            raise TypeError("module is already an NF4Linear (already quantized)")
+        if isinstance(module, nn.Linear):
+            weight = module.weight  # (out, in)
+        elif is_conv1d(module):
+            weight = cast(torch.Tensor, module.weight).T  # stored (in, out)
+        else:
+            raise TypeError(
+                f"NF4Linear.from_linear accepts nn.Linear or transformers Conv1D, got {type(module).__name__}"
+            )
+        quantized = quantize_nf4(weight, block_size=block_size, double_quant=double_quant)
+        bias = module.bias if isinstance(module.bias, torch.Tensor) else None
+        return cls(quantized, bias, compute_dtype)
+
+    @property
+    def quantized_weight(self) -> NF4Tensor:
+        """The weight as an :class:`NF4Tensor` view of this module's buffers (current device)."""
+        codes, absmax, absmax_scale, absmax_offset = (self._buffers[name] for name in _QUANT_BUFFERS)
+        assert codes is not None and absmax is not None, "NF4Linear lost its weight buffers"
+        return NF4Tensor(
+            codes=codes,
+            absmax=absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            dtype=self.weight_dtype,
+            block_size=self.block_size,
+            absmax_scale=absmax_scale,
+            absmax_offset=absmax_offset,
+        )
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized weight, shape (out_features, in_features), a new tensor.
+
+        Args:
+            dtype: float32, float16 or bfloat16; defaults to the original weight's dtype.
+        """
+        return dequantize_nf4(self.quantized_weight, self.weight_dtype if dtype is None else dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T + b`` for x of shape (..., in_features); returns (..., out_features) in x's dtype."""
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        out = _NF4Linear.apply(x.to(self.compute_dtype), self.quantized_weight, bias)
+        return out.to(x.dtype)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> NF4Linear:
+        # nn.Module.to(dtype) and .half() cast every floating buffer, which would silently round
+        # the fp32 scales (and break the bit-exact format); so the quantized buffers only follow
+        # the device: we learn it by applying fn to an empty probe tensor.
+        saved = {name: self._buffers.pop(name) for name in _QUANT_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buffer in saved.items():
+                if buffer is not None:
+                    device = fn(torch.empty(0, device=buffer.device)).device
+                    buffer = buffer.to(device)
+                self._buffers[name] = buffer
+        return self
+
+    def extra_repr(self) -> str:
+        double_quant = self._buffers["weight_absmax_scale"] is not None
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"block_size={self.block_size}, double_quant={double_quant}, compute_dtype={self.compute_dtype}"
+        )

@@ -1,0 +1,101 @@
+"""quantize_model: turn every linear layer of a model into a frozen NF4Linear, in place (QLoRA's base)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.quant.linear4bit import NF4Linear, is_conv1d
+
+METHODS = ("nf4",)
+"""Quantization methods quantize_model knows."""
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output projection, for transformers models (``get_output_embeddings``), else None."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        head = getter()
+    except (NotImplementedError, AttributeError):
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
+def _examples(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def quantize_model(
+    model: nn.Module,
+    method: str = "nf4",
+    skip: tuple[str, ...] | list[str] = ("lm_head",),
+    compute_dtype: torch.dtype | None = None,
+    block_size: int = 64,
+    double_quant: bool = True,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` and transformers ``Conv1D`` of ``model`` with an :class:`NF4Linear`.
+
+    The output head stays in full precision: any layer named in ``skip``, and the module that
+    ``model.get_output_embeddings()`` returns (transformers models). Quantize before adding LoRA
+    adapters; the adapters then train on top of the frozen 4-bit base.
+
+    Args:
+        model: the model, edited in place (it keeps its class, so ``generate`` etc. still work).
+        method: only ``"nf4"``.
+        skip: module names to keep, matched as a dotted suffix: ``"lm_head"`` matches
+            ``lm_head`` and ``model.lm_head``, not ``xlm_head``.
+        compute_dtype: matmul dtype of every quantized layer; defaults to each layer's own dtype.
+        block_size: values per NF4 scale, a power of two from 32 to 4096.
+        double_quant: quantize the scales too (4.127 instead of 4.5 bits per parameter).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: unknown ``method``; the model is already quantized or already has LoRA
+            layers; or there was no linear layer left to quantize.
+    """
+    if method not in METHODS:
+        raise ValueError(f"quantization method must be one of {', '.join(METHODS)}; got {method!r}")
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    quantized = [name for name, m in model.named_modules() if isinstance(m, NF4Linear)]
+    if quantized:
+        raise ValueError(
+            f"model is already quantized: {len(quantized)} NF4Linear layers, e.g. {_examples(quantized)}"
+        )
+    with_lora = [name for name, m in model.named_modules() if hasattr(m, "lora_A")]
+    if with_lora:
+        raise ValueError(
+            f"model already has LoRA layers ({_examples(with_lora)}); quantize the base model first, then add adapters"
+        )
+
+    head = _output_head(model)
+    targets = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            continue
+        if module is head or any(name == s or name.endswith("." + s) for s in skip):
+            continue
+        if name == "":
+            raise ValueError("model is itself a linear layer; use NF4Linear.from_linear(model) instead")
+        targets.append(name)
+    if not targets:
+        raise ValueError(
+            f"found no nn.Linear or Conv1D layer to quantize (skip={skip!r}, output head excluded)"
+        )
+
+    # Replace one layer at a time, so the full-precision weight can be freed before the next.
+    for name in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = NF4Linear.from_linear(
+            parent.get_submodule(child_name),
+            compute_dtype=compute_dtype,
+            block_size=block_size,
+            double_quant=double_quant,
+        )
+        setattr(parent, child_name, layer)
+    return model
