@@ -1,0 +1,125 @@
+"""Checkpoints that survive kill -9: written to a temporary folder, then renamed into place.
+
+A checkpoint folder `checkpoint-<step>` holds:
+- `adapter/`: the adapter in the PEFT layout (usable on its own);
+- `trainable.safetensors`: every trainable tensor by its name in the model (what resume loads);
+- `optimizer.safetensors` + the optimizer's scalar state in `state.json`;
+- `rng.safetensors`: the torch RNG states, so dropout continues exactly;
+- `state.json`: step, data position, scheduler state, written last.
+Only safetensors and JSON: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+PREFIX = "checkpoint-"
+
+
+@dataclass(frozen=True)
+class Restored:
+    step: int
+    data_position: dict[str, int]
+    path: Path
+
+
+def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, data_position: dict[str, int],
+                    adapter_name: str, keep_last: int) -> Path:
+    """Write checkpoint-<step> atomically and keep only the newest `keep_last` checkpoints."""
+    from lorakit.core.io import save_adapter
+
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = output_dir / f".tmp-{PREFIX}{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_adapter(model, tmp / "adapter", name=adapter_name)
+    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    tensors, optimizer_meta = _optimizer_to_flat(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_file(_rng_states(), str(tmp / "rng.safetensors"))
+    state = {"step": step, "data_position": data_position, "scheduler": scheduler.state_dict(),
+             "optimizer": optimizer_meta}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if final.exists():  # a resumed run reaching the same step again
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    found = [p for p in output_dir.glob(f"{PREFIX}*") if p.is_dir() and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> Restored:
+    """Put the model's trainable tensors, the optimizer, scheduler and RNG back as they were."""
+    state = json.loads((path / "state.json").read_text())
+    trainable = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(trainable) != expected:
+        missing, extra = sorted(expected - set(trainable)), sorted(set(trainable) - expected)
+        raise ValueError(f"checkpoint {path} does not fit this run's adapter (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}); was it written with other LoRA settings?")
+    with torch.no_grad():
+        for name, tensor in trainable.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(_optimizer_from_flat(load_file(str(path / "optimizer.safetensors")),
+                                                    state["optimizer"], optimizer))
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_states(load_file(str(path / "rng.safetensors")))
+    return Restored(step=int(state["step"]), data_position=state["data_position"], path=path)
+
+
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    full = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in full["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": full["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                         optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, entry in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda.{index}"] = cuda_state
+    return states
+
+
+def _set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)

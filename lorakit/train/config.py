@@ -1,0 +1,134 @@
+"""TrainConfig: every setting of a fine-tuning run, validated once; the CLI and YAML map onto it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+QUANT_METHODS = ("nf4",)
+OPTIMIZERS = ("adamw", "paged_adamw")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A LoRA fine-tuning run: model, data, adapter, optimisation, and what gets written."""
+
+    data: str
+    """Training JSONL file (chat, alpaca, completion or text records)."""
+    model: str = "default"
+    """Base model: "default", a .gguf file or a transformers folder."""
+    output_dir: str = "runs/lorakit"
+    """Where the adapter, checkpoints, metrics.jsonl and loss.png go."""
+    val_data: str | None = None
+    """Validation JSONL; without it `val_fraction` of the training records is held out."""
+    val_fraction: float = 0.0
+    """Share of the training records held out for validation when no `val_data` is given."""
+    format: str = "auto"
+    """Record format: auto, chat, alpaca, completion or text."""
+    skip_bad_lines: bool = False
+    """Skip (and count) malformed lines instead of stopping at the first."""
+    max_length: int = 512
+    """Longest example in tokens; longer ones are truncated, those left without answer dropped."""
+    pack: bool = False
+    """Pack several examples per row (they never attend to each other)."""
+    train_on_prompt: bool = False
+    """Compute the loss on prompt tokens too, not only on the answers."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 32
+    """LoRA alpha (scale alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    targets: str | tuple[str, ...] = "all-linear"
+    """Modules to adapt: "all-linear", a regex, or a list of name suffixes."""
+    use_rslora: bool = False
+    """Scale by alpha / sqrt(r)."""
+    quantize: str | None = None
+    """Store the frozen base in 4-bit: "nf4" (QLoRA), or None."""
+    learning_rate: float = 2e-4
+    """Peak learning rate, reached after warm-up, then cosine decay to `min_lr_ratio` of it."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a share of the peak."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the adapter weights."""
+    optimizer: str = "adamw"
+    """adamw, or paged_adamw (bitsandbytes, CUDA only)."""
+    epochs: int = 1
+    """Passes over the data (ignored when `max_steps` is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    batch_size: int = 4
+    """Rows per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value; None disables clipping."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    seed: int = 0
+    """Seeds adapter init, dropout and data order."""
+    eval_every: int = 0
+    """Validation loss every N steps (0: only at the end)."""
+    eval_exact_match: int = 0
+    """At the end, greedy-generate answers for up to N validation records and report exact match."""
+    max_new_tokens: int = 64
+    """Generation length for exact match."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: no intermediate checkpoints)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    resume: bool = False
+    """Continue from the newest checkpoint in `output_dir`."""
+    dtype: str | None = None
+    """Weight dtype; None: float32 on CPU, bfloat16 on CUDA."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    progress: bool = True
+    """Show the progress bar."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        problems = []
+        positive = ("max_length", "r", "batch_size", "grad_accum", "epochs", "keep_last", "max_new_tokens")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "eval_exact_match", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                problems.append(f"{name} must be an integer >= 0, got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            problems.append(f"max_steps must be an integer >= 1 or None, got {self.max_steps!r}")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.val_fraction < 1:
+            problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            problems.append(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.quantize is not None and self.quantize not in QUANT_METHODS:
+            problems.append(f"quantize must be one of {', '.join(QUANT_METHODS)} or None, got {self.quantize!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if problems:
+            raise ValueError("invalid training settings:\n  " + "\n  ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping (a YAML file's keys); unknown keys are an error that lists the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        if isinstance(values["targets"], tuple):
+            values["targets"] = list(values["targets"])
+        return values

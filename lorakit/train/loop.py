@@ -1,0 +1,235 @@
+"""train(): LoRA fine-tuning from a JSONL file to a PEFT-layout adapter, resumable at any moment.
+
+Single-process today, written for torchrun tomorrow: the data iterator takes rank/world_size,
+and only `_is_main()` writes files or prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorakit.core.adapters import trainable_parameters
+from lorakit.core.config import LoraConfig
+from lorakit.core.inject import add_adapter
+from lorakit.data import (
+    DataPosition,
+    TokenizedDataset,
+    batches,
+    build_dataset,
+    eval_pairs,
+    load_records,
+    split_validation,
+    steps_per_epoch,
+)
+from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lorakit.train.config import TrainConfig
+from lorakit.train.evaluate import ExactMatch, evaluation_loss, exact_match_score
+from lorakit.train.metrics import MetricsLog, plot_losses
+from lorakit.train.schedule import warmup_cosine
+
+ADAPTER_NAME = "default"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    metrics_path: Path
+    plot_path: Path
+    steps: int
+    train_loss: float
+    val_loss: float | None
+    exact_match: ExactMatch | None
+    seconds: float
+
+
+def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None) -> TrainResult:
+    """Fine-tune a LoRA adapter as `config` says and write it to `config.output_dir/adapter`.
+
+    Args:
+        config: the run's settings.
+        model, tokenizer: an already loaded base model and its tokenizer; by default
+            `config.model` is loaded.
+
+    Returns:
+        Where the adapter, metrics and plot are, and the final figures.
+
+    Raises:
+        TrainingDiverged: the loss became NaN/inf (the last good checkpoint stays on disk).
+    """
+    started = time.perf_counter()
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    if model is None or tokenizer is None:
+        from lorakit.hf import load_model
+
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    device = next(model.parameters()).device
+
+    train_set, val_set, pairs = _datasets(config, tokenizer)
+    if config.quantize:
+        from lorakit.quant import quantize_model
+
+        quantize_model(model, config.quantize)
+    add_adapter(model, LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, targets=config.targets,
+                                  use_rslora=config.use_rslora))
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    _announce(model, config, train_set)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(config, params)
+    per_epoch = math.ceil(steps_per_epoch(len(train_set), config.batch_size) / config.grad_accum)
+    total_steps = config.max_steps or config.epochs * per_epoch
+    scheduler = warmup_cosine(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
+
+    step, position = 0, DataPosition()
+    checkpoints = list_checkpoints(output_dir) if config.resume else []
+    if checkpoints:
+        restored = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+        step, position = restored.step, DataPosition.from_dict(restored.data_position)
+        _say(f"resumed from {restored.path} (step {step})")
+    metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=step if config.resume else None)
+
+    micro_batches = batches(train_set, config.batch_size, seed=config.seed, start=position,
+                            epochs=None if config.max_steps else config.epochs)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not config.progress,
+               dynamic_ncols=True)
+    train_loss = float("nan")
+    val_loss: float | None = None
+    while step < total_steps:
+        window = [b.to(device) for b in _take(micro_batches, config.grad_accum)]
+        if not window:
+            break  # the data ran out (epochs done)
+        tick = time.perf_counter()
+        label_tokens = sum(b.num_label_tokens for b in window)
+        loss_value = 0.0
+        for batch in window:
+            with autocast:
+                # num_items_in_batch makes each micro-loss a share of the window's token mean,
+                # so accumulation gives exactly the loss of one big batch.
+                loss = model(**batch.inputs, num_items_in_batch=label_tokens).loss
+            loss.backward()
+            loss_value += float(loss)
+        if not math.isfinite(loss_value):
+            kept = list_checkpoints(output_dir)
+            raise TrainingDiverged(
+                f"loss became {loss_value} at step {step + 1}; stopped. Last good checkpoint: "
+                f"{kept[-1] if kept else 'none (set save_every)'}. Try a lower learning rate.")
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        train_loss = loss_value
+        seconds = time.perf_counter() - tick
+        tokens = sum(int(b.inputs["input_ids"].numel()) for b in window)
+        metrics.write(kind="train", step=step, loss=loss_value, lr=lr, tokens_per_s=tokens / seconds,
+                      seconds=seconds)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+        bar.update(1)
+        if val_set is not None and config.eval_every and step % config.eval_every == 0:
+            val_loss = evaluation_loss(model, val_set, config.batch_size, device)
+            metrics.write(kind="eval", step=step, val_loss=val_loss)
+            bar.write(f"step {step}: validation loss {val_loss:.4f}")
+        if config.save_every and step % config.save_every == 0:
+            save_checkpoint(output_dir, step, model, optimizer, scheduler, window[-1].position.to_dict(),
+                            ADAPTER_NAME, config.keep_last)
+    bar.close()
+
+    if val_set is not None and (val_loss is None or not config.eval_every or step % config.eval_every):
+        val_loss = evaluation_loss(model, val_set, config.batch_size, device)
+        metrics.write(kind="eval", step=step, val_loss=val_loss)
+    match = None
+    if pairs:
+        match = exact_match_score(model, tokenizer, pairs, config.max_new_tokens)
+        metrics.write(kind="exact_match", step=step, exact_match=match.score, n=len(pairs))
+    from lorakit.core.io import save_adapter
+
+    adapter_dir = output_dir / "adapter"
+    save_adapter(model, adapter_dir, name=ADAPTER_NAME)
+    plot_path = plot_losses(metrics.events(), output_dir / "loss.png")
+    return TrainResult(adapter_dir=adapter_dir, metrics_path=metrics.path, plot_path=plot_path, steps=step,
+                       train_loss=train_loss, val_loss=val_loss, exact_match=match,
+                       seconds=time.perf_counter() - started)
+
+
+def _datasets(config: TrainConfig, tokenizer: Any) -> tuple[TokenizedDataset, TokenizedDataset | None, list]:
+    records, report = load_records(config.data, format=config.format, skip_bad=config.skip_bad_lines)
+    if report.num_skipped:
+        _say(f"skipped {report.num_skipped} bad line(s) in {config.data}")
+    if config.val_data:
+        val_records, _ = load_records(config.val_data, format=config.format, skip_bad=config.skip_bad_lines)
+    elif config.val_fraction:
+        records, val_records = split_validation(records, config.val_fraction, seed=config.seed)
+    else:
+        val_records = []
+    train_set, build = build_dataset(records, tokenizer, max_length=config.max_length,
+                                     train_on_prompt=config.train_on_prompt, pack=config.pack)
+    _say(build.summary())
+    val_set = None
+    if val_records:
+        val_set, _ = build_dataset(val_records, tokenizer, max_length=config.max_length,
+                                   train_on_prompt=config.train_on_prompt)
+    pairs = eval_pairs(val_records[: config.eval_exact_match], tokenizer) if config.eval_exact_match else []
+    return train_set, val_set, pairs
+
+
+def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "paged_adamw":
+        if not torch.cuda.is_available():
+            raise ValueError("optimizer 'paged_adamw' needs CUDA and bitsandbytes; use 'adamw' on CPU")
+        import bitsandbytes as bnb  # type: ignore[import-not-found]
+
+        return bnb.optim.PagedAdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def _announce(model: nn.Module, config: TrainConfig, train_set: TokenizedDataset) -> None:
+    try:  # TEMP until estimate lands
+        from lorakit.hf.estimate import estimate_for_model
+    except ImportError:
+        return
+    trainable, total = trainable_parameters(model)
+    _say(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    estimate = estimate_for_model(model, batch_size=config.batch_size, seq_len=config.max_length,
+                                  gradient_checkpointing=config.gradient_checkpointing)
+    _say(f"estimated memory: {estimate.summary()}")
+
+
+def _take(iterator: Any, count: int) -> list:
+    taken = []
+    for _ in range(count):
+        item = next(iterator, None)
+        if item is None:
+            break
+        taken.append(item)
+    return taken
+
+
+def _is_main() -> bool:
+    return not torch.distributed.is_available() or not torch.distributed.is_initialized() or \
+        torch.distributed.get_rank() == 0
+
+
+def _say(message: str) -> None:
+    if _is_main():
+        tqdm.write(message)

@@ -1,0 +1,52 @@
+"""metrics.jsonl (one JSON object per event) and the loss curve plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends events to metrics.jsonl; on resume, drops events after the checkpoint's step."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, **event: Any) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(event) + "\n")
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(events: list[dict[str, Any]], path: Path) -> Path:
+    """Draw train and validation loss against the step into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in events if e.get("kind") == "train"]
+    val = [(e["step"], e["val_loss"]) for e in events if e.get("kind") == "eval"]
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        axes.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
+    if val:
+        axes.plot(*zip(*val, strict=True), "o-", label="validation loss", linewidth=1.5)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (cross-entropy per answer token)")
+    axes.set_title("lorakit training")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
