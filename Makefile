@@ -26,7 +26,7 @@ test: lint
 	$(VENV)/bin/pytest -q -ra
 
 demo: $(STAMP)
-	$(PY) -m lorakit.demo
+	$(PY) demo/run.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

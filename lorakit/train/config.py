@@ -7,6 +7,7 @@ from typing import Any
 
 QUANT_METHODS = ("nf4",)
 OPTIMIZERS = ("adamw", "paged_adamw")
+DATA_FORMATS = ("auto", "chat", "alpaca", "completion", "text")
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class TrainConfig:
             problems.append(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
         if self.quantize is not None and self.quantize not in QUANT_METHODS:
             problems.append(f"quantize must be one of {', '.join(QUANT_METHODS)} or None, got {self.quantize!r}")
+        if self.format not in DATA_FORMATS:
+            problems.append(f"format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if problems:

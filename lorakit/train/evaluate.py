@@ -38,7 +38,7 @@ def evaluation_loss(model: nn.Module, dataset: TokenizedDataset, batch_size: int
     return total / max(tokens, 1)
 
 
-def exact_match_score(model: nn.Module, tokenizer: Any, pairs: Sequence[EvalPair], max_new_tokens: int,
+def exact_match_score(model: Any, tokenizer: Any, pairs: Sequence[EvalPair], max_new_tokens: int,
                       batch_size: int = 16) -> ExactMatch:
     """Greedy-generate an answer for each pair's prompt and compare it with the reference."""
     was_training = model.training

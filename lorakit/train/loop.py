@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from lorakit.data import (
     split_validation,
     steps_per_epoch,
 )
+from lorakit.data.jsonl import FormatChoice
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import ExactMatch, evaluation_loss, exact_match_score
@@ -87,7 +88,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
     add_adapter(model, LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, targets=config.targets,
                                   use_rslora=config.use_rslora))
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable()  # type: ignore[operator]
     _announce(model, config, train_set)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -126,7 +127,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
                 # so accumulation gives exactly the loss of one big batch.
                 loss = model(**batch.inputs, num_items_in_batch=label_tokens).loss
             loss.backward()
-            loss_value += float(loss)
+            loss_value += float(loss.detach())
         if not math.isfinite(loss_value):
             kept = list_checkpoints(output_dir)
             raise TrainingDiverged(
@@ -173,11 +174,12 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
 
 
 def _datasets(config: TrainConfig, tokenizer: Any) -> tuple[TokenizedDataset, TokenizedDataset | None, list]:
-    records, report = load_records(config.data, format=config.format, skip_bad=config.skip_bad_lines)
+    data_format = cast(FormatChoice, config.format)  # checked by TrainConfig
+    records, report = load_records(config.data, format=data_format, skip_bad=config.skip_bad_lines)
     if report.num_skipped:
         _say(f"skipped {report.num_skipped} bad line(s) in {config.data}")
     if config.val_data:
-        val_records, _ = load_records(config.val_data, format=config.format, skip_bad=config.skip_bad_lines)
+        val_records, _ = load_records(config.val_data, format=data_format, skip_bad=config.skip_bad_lines)
     elif config.val_fraction:
         records, val_records = split_validation(records, config.val_fraction, seed=config.seed)
     else:
@@ -204,10 +206,8 @@ def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.O
 
 
 def _announce(model: nn.Module, config: TrainConfig, train_set: TokenizedDataset) -> None:
-    try:  # TEMP until estimate lands
-        from lorakit.hf.estimate import estimate_for_model
-    except ImportError:
-        return
+    from lorakit.hf.estimate import estimate_for_model
+
     trainable, total = trainable_parameters(model)
     _say(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     estimate = estimate_for_model(model, batch_size=config.batch_size, seq_len=config.max_length,

@@ -1,0 +1,44 @@
+"""`lorakit generate`: one prompt, or a chat on standard input, streamed as it is produced."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lorakit.cli.common import add_model_arguments, load_with_adapters
+
+EXAMPLES = """examples:
+  lorakit generate --prompt "Write a haiku about autumn"
+  lorakit generate --adapter runs/demo/adapter --raw --prompt $'Write the date in ISO format (YYYY-MM-DD).\\nDate: 7 March 1994\\nISO:'
+  lorakit generate --adapter runs/a/adapter --adapter runs/b/adapter      # chat, both adapters active
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", help="the prompt; without it, chat line by line on standard input")
+    parser.add_argument("--raw", action="store_true", help="continue the prompt text as is (no chat template)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.hf import generate_text
+
+    model, tokenizer, _ = load_with_adapters(args)
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {}
+
+    def answer(prompt: str) -> None:
+        generate_text(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens, chat=not args.raw,
+                      stream=lambda piece: print(piece, end="", flush=True), **sampling)
+        print()
+
+    if args.prompt is not None:
+        answer(args.prompt)
+        return 0
+    print("chat: one message per line; an empty line or Ctrl-D ends", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        answer(line.rstrip("\n"))
+    return 0

@@ -1,0 +1,53 @@
+"""`lorakit COMMAND ...`: dispatch to one module per command; errors print one line unless --debug."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS = {
+    "train": "fine-tune a LoRA (or QLoRA) adapter on a JSONL file",
+    "generate": "generate text with a base model and adapters, streamed to the terminal",
+    "merge": "merge an adapter into its base model and save a transformers folder",
+    "eval": "loss and exact match of a model (+ adapter) on a JSONL file",
+    "estimate": "trainable parameters and memory of full fine-tuning, LoRA and QLoRA, without loading weights",
+    "inspect": "describe an adapter folder at a glance",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorakit", description="LoRA and QLoRA fine-tuning for PyTorch language models.",
+        epilog="Run 'lorakit COMMAND --help' for a command's options and examples.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, summary in COMMANDS.items():
+        module = importlib.import_module(f"lorakit.cli.{name}_cmd")
+        sub = commands.add_parser(name, help=summary, description=f"{summary}.", epilog=module.EXAMPLES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        # SUPPRESS: an unset sub-command flag must not overwrite `lorakit --debug COMMAND`.
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show full tracebacks on errors")
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line for people; the traceback for --debug
+        if args.debug:
+            raise
+        print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""`lorakit train`: flags for the common options, or --config FILE.yaml with the same keys."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = """examples:
+  lorakit train --data train.jsonl --output-dir runs/mine
+  lorakit train --data train.jsonl --val-fraction 0.05 --r 16 --alpha 32 --lr 2e-4 --epochs 3
+  lorakit train --data train.jsonl --quantize nf4            # QLoRA: 4-bit frozen base
+  lorakit train --config run.yaml --lr 1e-4                  # flags override the file
+  lorakit train --config run.yaml --resume                   # continue after a crash
+
+YAML keys are the TrainConfig fields: data, model, output_dir, val_data, val_fraction, format,
+max_length, pack, r, alpha, dropout, targets, learning_rate, epochs, max_steps, batch_size,
+grad_accum, warmup_steps, save_every, eval_every, seed, quantize, optimizer, ...
+"""
+
+# (flag, TrainConfig field, type, help); booleans are store_true flags.
+FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--data", "data", str, "training JSONL (chat, alpaca, completion or text records)"),
+    ("--model", "model", str, "base model: default, a .gguf file or a transformers folder"),
+    ("--output-dir", "output_dir", str, "where the adapter, checkpoints, metrics.jsonl and loss.png go"),
+    ("--val-data", "val_data", str, "validation JSONL"),
+    ("--val-fraction", "val_fraction", float, "hold out this share of the training data for validation"),
+    ("--format", "format", str, "auto, chat, alpaca, completion or text"),
+    ("--skip-bad-lines", "skip_bad_lines", bool, "skip and count malformed lines"),
+    ("--max-length", "max_length", int, "longest example in tokens"),
+    ("--pack", "pack", bool, "pack several examples per row"),
+    ("--train-on-prompt", "train_on_prompt", bool, "also compute the loss on prompt tokens"),
+    ("--r", "r", int, "LoRA rank"),
+    ("--alpha", "alpha", float, "LoRA alpha (scale alpha / r)"),
+    ("--dropout", "dropout", float, "dropout on the adapter input"),
+    ("--targets", "targets", str, "all-linear, a regex, or comma-separated module names (q_proj,v_proj)"),
+    ("--rslora", "use_rslora", bool, "scale by alpha / sqrt(r)"),
+    ("--quantize", "quantize", str, "nf4: train on a 4-bit frozen base (QLoRA)"),
+    ("--lr", "learning_rate", float, "peak learning rate"),
+    ("--warmup-steps", "warmup_steps", int, "linear warm-up steps"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
+    ("--optim", "optimizer", str, "adamw, or paged_adamw (bitsandbytes, CUDA)"),
+    ("--epochs", "epochs", int, "passes over the data"),
+    ("--max-steps", "max_steps", int, "stop after this many optimizer steps"),
+    ("--batch-size", "batch_size", int, "rows per micro-batch"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
+    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm"),
+    ("--gradient-checkpointing", "gradient_checkpointing", bool, "recompute activations to save memory"),
+    ("--seed", "seed", int, "random seed"),
+    ("--eval-every", "eval_every", int, "validation loss every N steps"),
+    ("--eval-exact-match", "eval_exact_match", int, "exact match on up to N validation records at the end"),
+    ("--save-every", "save_every", int, "checkpoint every N steps"),
+    ("--keep-last", "keep_last", int, "checkpoints kept"),
+    ("--resume", "resume", bool, "continue from the newest checkpoint in --output-dir"),
+    ("--dtype", "dtype", str, "float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)"),
+    ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
+    ("--no-progress", "progress", "off", "hide the progress bar"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with TrainConfig keys; flags given override it")
+    for flag, field, kind, text in FLAGS:
+        if kind is bool:
+            parser.add_argument(flag, dest=field, action="store_true", default=None, help=text)
+        elif kind == "off":
+            parser.add_argument(flag, dest=field, action="store_false", default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=field, type=kind, default=None, help=text)
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The YAML file's keys, then every flag that was given on top."""
+    values: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of TrainConfig keys, got {type(loaded).__name__}")
+        values.update(loaded)
+    for _, field, _, _ in FLAGS:
+        if getattr(args, field) is not None:
+            values[field] = getattr(args, field)
+    if isinstance(values.get("targets"), str) and "," in values["targets"]:
+        values["targets"] = [t.strip() for t in values["targets"].split(",") if t.strip()]
+    if "data" not in values:
+        raise ValueError("no training data: give --data FILE.jsonl (or 'data:' in --config)")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.train import TrainConfig, train
+
+    result = train(TrainConfig.from_dict(settings(args)))
+    print(f"\ntrained {result.steps} steps in {result.seconds:.0f} s; final train loss {result.train_loss:.4f}"
+          + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+          + (f", exact match {result.exact_match.score:.1%}" if result.exact_match else ""))
+    print(f"adapter: {result.adapter_dir}\nmetrics: {result.metrics_path}\nloss curve: {result.plot_path}")
+    return 0
