@@ -34,24 +34,29 @@ def main() -> None:
     test_records, _ = load_records(HERE / "data" / "test.jsonl")
     pairs = eval_pairs(test_records, tokenizer)
     print(f"\nHeld-out test set: {len(pairs)} dates. Scoring the base model...")
-    before = exact_match_score(model, tokenizer, pairs, max_new_tokens=8)
+    before = exact_match_score(model, tokenizer, pairs, max_new_tokens=16)
     print(f"exact match before training: {before.score:.0%}\n")
 
     config = TrainConfig(data=str(HERE / "data" / "train.jsonl"), output_dir=args.output_dir, r=16, alpha=32,
                          dropout=0.0, learning_rate=2e-3, warmup_steps=5, max_steps=args.steps, batch_size=16,
-                         max_length=64, seed=0)
+                         max_length=96, seed=0)
     result = train(config, model, tokenizer)
-    after = exact_match_score(model, tokenizer, pairs, max_new_tokens=8)
+    after = exact_match_score(model, tokenizer, pairs, max_new_tokens=16)
 
-    print(f"\n{'date':<28} {'reference':<12} {'before':<22} after")
+    print(f"\n{'date':<52} {'reference':<12} {'before':<24} after")
     for pair, old, new in list(zip(pairs, before.generations, after.generations, strict=True))[:8]:
         text = pair.prompt.split("Date: ")[1].split("\n")[0]
-        print(f"{text:<28} {pair.answer.strip():<12} {old.strip()[:20]!s:<22} {new.strip()}")
+        print(f"{text:<52} {pair.answer.strip():<12} {first_line(old):<24} {first_line(new)}")
     print(f"\nexact match on {len(pairs)} held-out dates: before {before.score:.0%}, after {after.score:.0%}")
     print(f"adapter (PEFT layout): {result.adapter_dir}")
     print(f"loss curve:            {result.plot_path}")
     print(f"metrics:               {result.metrics_path}")
     print(f"demo time: {time.perf_counter() - started:.0f} s")
+
+
+def first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return (lines[0] if lines else "")[:22] + (" ..." if len(lines) > 1 else "")
 
 
 if __name__ == "__main__":

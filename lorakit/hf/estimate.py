@@ -1,0 +1,484 @@
+"""How many parameters train and how much memory a fine-tuning run needs, without loading weights.
+
+`estimate` builds the architecture on PyTorch's meta device (shapes, no storage: a 175B model
+builds in under a second), adds the LoRA adapter with lorakit's own `add_adapter` so the
+trainable count is exact, and prices full fine-tuning, LoRA and QLoRA side by side.
+`estimate_for_model` prices a model that is already built, from its real parameters.
+The formulas and conventions are written out in docs/estimate.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lorakit.core.adapters import active_adapters, adapter_configs, trainable_parameters
+from lorakit.core.config import ALL_LINEAR, LoraConfig
+from lorakit.core.inject import add_adapter
+from lorakit.core.layers import LoraEmbedding, LoraLinear, base_kind
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+DEFAULT_MODEL = "smollm2-135m"
+"""The shipped config "default" names: the offline default model's architecture."""
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANT_METHODS = ("nf4",)
+FULL, LORA, QLORA = "full fine-tuning", "LoRA", "QLoRA"
+ROWS = ("weights", "gradients", "optimizer", "activations", "total")
+# Bits per NF4 weight with double quantization: the 4-bit code, an 8-bit absmax per block of 64
+# and an fp32 scale per 256 blocks: about 4.127.
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+# transformers writes these out of several ops, which keep 4 tensors in all (GPT-2 uses gelu_new).
+_UNFUSED_GELUS = ("gelu_new", "gelu_fast")
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes one training method needs, by what holds them."""
+
+    weights: int
+    """All weights: the base (4-bit where quantized) plus any adapters."""
+    gradients: int
+    """One gradient per trainable parameter."""
+    optimizer: int
+    """AdamW's two moments per trainable parameter, plus an fp32 master copy where one is kept."""
+    activations: int
+    """Tensors the forward pass keeps for backward, logits included."""
+
+    @property
+    def total(self) -> int:
+        """The sum of the four terms."""
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def summary(self) -> str:
+        """One line: `weights 538 MB + gradients 20 MB + optimizer 39 MB + activations 1.2 GB = 1.8 GB`."""
+        terms = " + ".join(f"{row} {format_bytes(getattr(self, row))}" for row in ROWS[:-1])
+        return f"{terms} = {format_bytes(self.total)}"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Parameter counts and memory of one model and setting, for one or more training methods."""
+
+    model: str
+    """What was estimated: a shipped name, a path, or the model's class name."""
+    description: str
+    """The architecture in a few words: class, layers, hidden size, vocabulary."""
+    adapter: str
+    """The LoRA adapter in a few words ("" for none)."""
+    base_params: int
+    """Parameters of the base model (a 4-bit weight counts as its in x out values)."""
+    trainable_params: int
+    """Parameters the LoRA adapter trains (estimate), or that require grad (estimate_for_model)."""
+    all_params: int
+    """All parameters, adapters included, as `print_trainable_parameters` counts them."""
+    memory: Mapping[str, Memory]
+    """Per method, in table order: full fine-tuning, LoRA and QLoRA from `estimate`; from
+    `estimate_for_model`, the one method the model is set up for."""
+    method: str
+    """The method the settings select (a key of `memory`); `summary` reports it."""
+    batch_size: int
+    seq_len: int
+    dtype: str
+    """Compute dtype of the base weights and activations: bf16, fp16 or fp32."""
+    gradient_checkpointing: bool
+    notes: tuple[str, ...] = ()
+    """The conventions behind the figures, printed under the table."""
+
+    def summary(self) -> str:
+        """The selected method's memory on one line (what the training loop prints)."""
+        return self.memory[self.method].summary()
+
+
+def shipped_models() -> list[str]:
+    """Names of the model configs shipped with lorakit (llama-3.1-8b, gpt3-175b, ...)."""
+    return sorted(path.stem for path in MODEL_CONFIGS.glob("*.json"))
+
+
+def resolve_model_config(name_or_path: str | os.PathLike[str]) -> PretrainedConfig:
+    """The transformers config of a model, read without touching any weights.
+
+    Args:
+        name_or_path: a shipped name (any case; see `shipped_models`), "default" (smollm2-135m),
+            a config.json, a model folder holding one, or a .gguf file (its metadata is parsed:
+            seconds for a large vocabulary, instant once lorakit has cached the converted model).
+
+    Raises:
+        ValueError: an unknown name (the shipped ones are listed), or a file that is no config.
+        FileNotFoundError: a folder without config.json.
+    """
+    spec = os.fspath(name_or_path)
+    key = spec.strip().lower()
+    key = DEFAULT_MODEL if key == "default" else key
+    if key in shipped_models():
+        return _config_from_json(MODEL_CONFIGS / f"{key}.json")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {str(path)!r} has no config.json; pass a folder saved by "
+                                    "save_pretrained, a config.json, a .gguf file or a shipped model name")
+        return _config_from_json(path / "config.json")
+    if path.is_file():
+        return _config_from_gguf(path) if path.suffix.lower() == ".gguf" else _config_from_json(path)
+    raise ValueError(f"unknown model {spec!r}: not a shipped model ({', '.join(shipped_models())}, or 'default') "
+                     "and not an existing config.json, model folder or .gguf file")
+
+
+def meta_model(config: PretrainedConfig) -> nn.Module:
+    """The causal LM `config` describes, built on the meta device: real shapes, no storage."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as err:
+        raise ValueError(f"estimates need a causal language model; model_type {config.model_type!r} has "
+                         f"no AutoModelForCausalLM class ({err})") from err
+
+
+def estimate(model: str | os.PathLike[str], r: int = 16, alpha: float | None = None, targets: str | Sequence[str] = ALL_LINEAR,
+             quant: str | None = None, batch_size: int = 1, seq_len: int = 512, dtype: str = "bf16",
+             gradient_checkpointing: bool = False) -> Estimate:
+    """Parameters and memory of fine-tuning `model` in full, with LoRA and with QLoRA.
+
+    Args:
+        model: anything `resolve_model_config` accepts, e.g. "llama-3.1-8b".
+        r: LoRA rank.
+        alpha: LoRA alpha; None means 2 * r. It scales the update and changes no figure here.
+        targets: "all-linear", module-name suffixes, or suffixes in one string ("q_proj,v_proj").
+        quant: None (LoRA is the selected method) or "nf4" (QLoRA).
+        batch_size: rows per micro-batch.
+        seq_len: tokens per row.
+        dtype: compute dtype of the base weights and activations: "bf16", "fp16" or "fp32".
+        gradient_checkpointing: keep only each layer's input and recompute the rest in backward.
+
+    Returns:
+        The estimate, all three methods in `memory`, `method` set by `quant`.
+
+    Raises:
+        ValueError: bad settings (all are listed), an unknown model, or targets matching no
+            module (the model's linear modules are listed).
+    """
+    _check_settings(batch_size, seq_len, dtype, quant)
+    net = meta_model(resolve_model_config(model))
+    base = sum(p.numel() for p in net.parameters())  # tied weights appear once
+    quantized = _quantizable_weights(net)  # counted before adapters wrap the linears
+    lora = LoraConfig(r=r, alpha=2 * r if alpha is None else alpha, targets=_parse_targets(targets))
+    add_adapter(net, lora)
+    trainable, total = trainable_parameters(net)
+
+    compute = DTYPES[dtype]
+    size, shape, tokens = compute.itemsize, _shape(net), batch_size * seq_len
+    full_act = _activation_bytes(shape, tokens, size, 0, gradient_checkpointing, norms_train=True)
+    # Planning for a GPU: adapters run under autocast, as lorakit's training loop runs them there.
+    lora_act = _activation_bytes(shape, tokens, size, _adapter_bytes_per_token(net, compute, autocast=True),
+                                 gradient_checkpointing, norms_train=False)
+    adapters = trainable * 4  # lorakit trains adapters in fp32, also beside 16-bit and 4-bit bases
+    memory = {
+        # Mixed precision keeps an fp32 master copy beside 16-bit weights; fp32 weights are their own.
+        FULL: Memory(weights=base * size, gradients=base * size, optimizer=base * (8 if size == 4 else 12),
+                     activations=full_act),
+        LORA: Memory(weights=base * size + adapters, gradients=adapters, optimizer=2 * adapters,
+                     activations=lora_act),
+        QLORA: Memory(weights=(base - quantized) * size + round(quantized * NF4_BITS / 8) + adapters,
+                      gradients=adapters, optimizer=2 * adapters, activations=lora_act),
+    }
+    notes = (f"full fine-tuning: {dtype} weights and gradients; AdamW's two moments"
+             + (" and a master copy" if size < 4 else "") + " in fp32",
+             "LoRA and QLoRA: adapters, their gradients and AdamW's moments in fp32",
+             f"QLoRA: {quantized:,d} linear weights in NF4 ({NF4_BITS:.3f} bits each), the rest in {dtype}",
+             "formulas and conventions: docs/estimate.md")
+    shown = os.fspath(model)
+    shown = f"{shown} ({DEFAULT_MODEL})" if shown.strip().lower() == "default" else shown
+    return Estimate(model=shown, description=_describe_model(net, shape), adapter=_describe_lora(lora),
+                    base_params=base, trainable_params=trainable, all_params=total, memory=memory,
+                    method=QLORA if quant else LORA, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
+                    gradient_checkpointing=gradient_checkpointing, notes=notes)
+
+
+def estimate_for_model(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool = False,
+                       autocast: bool | None = None) -> Estimate:
+    """Memory of training `model` as it stands: its real parameters, dtypes and adapters.
+
+    Weights are every parameter and buffer (an NF4 layer's storage is its buffers); gradients
+    and AdamW's two moments follow each trainable parameter's dtype, as `torch.optim.AdamW`
+    keeps them (no master copy). Activations use `estimate`'s formula in the frozen base's
+    dtype (an NF4 layer's compute dtype).
+
+    Args:
+        model: a transformers model (it needs `.config`), with or without adapters, 4-bit or not.
+        batch_size: rows per micro-batch.
+        seq_len: tokens per row.
+        gradient_checkpointing: whether training recomputes each layer's activations.
+        autocast: whether training runs under autocast in the base's dtype; None: when the model
+            is on CUDA, as lorakit's training loop does.
+
+    Returns:
+        An estimate with one method in `memory`: QLoRA when the base is quantized, full
+        fine-tuning when every parameter trains, LoRA otherwise.
+
+    Raises:
+        ValueError: bad sizes, or a model without a transformers config.
+    """
+    _check_settings(batch_size, seq_len, "fp32", None)
+    if getattr(model, "config", None) is None:
+        raise ValueError(f"estimate_for_model needs a transformers model (with .config), got a {type(model).__name__}")
+    params = list(model.parameters())  # tied weights appear once
+    gradients = _nbytes(p for p in params if p.requires_grad)
+    compute, shape = _compute_dtype(model), _shape(model)
+    norms_train = any(p.requires_grad for m in model.modules() if type(m).__name__.endswith("RMSNorm")
+                      for p in m.parameters(recurse=False))
+    if autocast is None:
+        autocast = any(p.is_cuda for p in model.parameters())
+    activations = _activation_bytes(shape, batch_size * seq_len, compute.itemsize,
+                                    _adapter_bytes_per_token(model, compute, autocast), gradient_checkpointing,
+                                    norms_train)
+    trainable, total = trainable_parameters(model)
+    adapter_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    method = QLORA if any(map(_is_quantized, model.modules())) else FULL if trainable == total else LORA
+    configs = adapter_configs(model)
+    return Estimate(
+        model=type(model).__name__, description=_describe_model(model, shape),
+        adapter="; ".join(_describe_lora(configs[n], n) for n in active_adapters(model) if n in configs),
+        base_params=total - adapter_params, trainable_params=trainable, all_params=total,
+        memory={method: Memory(weights=_nbytes(params) + _nbytes(model.buffers()), gradients=gradients,
+                               optimizer=2 * gradients, activations=activations)},
+        method=method, batch_size=batch_size, seq_len=seq_len,
+        dtype={value: name for name, value in DTYPES.items()}.get(compute, str(compute)),
+        gradient_checkpointing=gradient_checkpointing,
+        notes=("weights: parameters and buffers; gradients and AdamW moments in each trainable parameter's dtype",),
+    )
+
+
+def format_estimate(est: Estimate) -> str:
+    """The report `lorakit estimate` prints: parameter counts and a memory table in GB (10^9 bytes)."""
+    share = 100 * est.trainable_params / est.all_params if est.all_params else 0.0
+    lines = [f"model: {est.model}, {est.description}"] + ([f"adapter: {est.adapter}"] if est.adapter else [])
+    lines += [
+        f"trainable params: {est.trainable_params:,d} || all params: {est.all_params:,d} || trainable%: {share:.4f}",
+        f"full fine-tuning trains all {est.base_params:,d} base params",
+        f"batch {est.batch_size} x {est.seq_len} tokens, {est.dtype}, gradient checkpointing "
+        f"{'on' if est.gradient_checkpointing else 'off'}",
+        "",
+    ]
+    methods = list(est.memory)
+    heads = [name + (" *" if name == est.method and len(methods) > 1 else "") for name in methods]
+    lines.append(f"{'memory in GB (10^9 bytes)':<27}" + "".join(f"  {head:>16}" for head in heads))
+    for row in ROWS:
+        lines.append(f"{row:<27}" + "".join(f"  {getattr(est.memory[m], row) / 1e9:>16,.2f}" for m in methods))
+    if len(methods) > 1:
+        lines += ["", f"* the method these settings select ({'--quant nf4' if est.method == QLORA else 'no --quant'})"]
+    return "\n".join(lines + list(est.notes))
+
+
+def format_bytes(count: float) -> str:
+    """A byte count for people: 538 MB, 1.2 GB, 2.8 TB (decimal units)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}" if count < 10 * size else f"{count / size:.0f} {unit}"
+    return f"{count:.0f} B"
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The sizes the activation formula needs."""
+
+    layers: int
+    hidden: int
+    q_width: int  # heads x head_dim
+    kv_width: int  # key/value heads x head_dim (narrower than q under grouped-query attention)
+    intermediate: int
+    gated: bool  # SwiGLU-style MLP (gate and up projections) rather than fc1 -> act -> fc2
+    act_values: int  # values the MLP activation keeps per channel: 1 when fused (silu, gelu, relu)
+    rms_norm: bool  # transformers' RMSNorm, which applies its weight as a separate multiply
+    vocab: int  # logits per token; 0 without a language-model head
+
+    def layer_values(self, norms_train: bool) -> int:
+        """Values one decoder layer keeps per token for backward."""
+        # Attention: the norm's input, the q/k/v input (the norm's output), q, k and v (SDPA's
+        # inputs, after RoPE) and o_proj's input (SDPA's output). SDPA keeps no seq x seq matrix.
+        attention = 2 * self.hidden + 2 * self.q_width + 2 * self.kv_width
+        # MLP: the norm's input, the first projections' input, then per intermediate channel the
+        # activation's input(s) and gate's activated output, up's output, down's input (gated)
+        # or just fc2's input (plain).
+        mlp = 2 * self.hidden + (self.act_values + (3 if self.gated else 1)) * self.intermediate
+        # An RMSNorm whose weight trains (full fine-tuning) also keeps its output before the weight.
+        return attention + mlp + (2 * self.hidden if norms_train and self.rms_norm else 0)
+
+
+def _activation_bytes(shape: _Shape, tokens: int, size: int, adapters: int, checkpointing: bool,
+                      norms_train: bool) -> int:
+    """Bytes kept for backward: layers, adapters (`adapters` bytes per token), final norm, head, logits.
+
+    `size` is the compute dtype's bytes per value. With checkpointing only each layer's input
+    stays, plus one layer (with its share of the adapters) recomputed at a time.
+    """
+    layer = shape.layer_values(norms_train) * size
+    if checkpointing:
+        kept = shape.layers * shape.hidden * size + layer + adapters // max(shape.layers, 1)
+    else:
+        kept = shape.layers * layer + adapters
+    # The final norm's and the head's inputs (and the norm's output when it trains), and the
+    # logits in fp32, which the loss keeps.
+    head = (3 if norms_train and shape.rms_norm else 2) * shape.hidden * size + 4 * shape.vocab
+    return tokens * (kept + head)
+
+
+def _adapter_bytes_per_token(model: nn.Module, compute: torch.dtype, autocast: bool) -> int:
+    """Bytes per token the active adapters keep, over the whole model.
+
+    Under autocast an adapter computes in the compute dtype, without it in its own (fp32) dtype.
+    """
+    total = 0
+    for module in model.modules():
+        if isinstance(module, LoraEmbedding):
+            total += sum(a.shape[0] * (compute.itemsize if autocast else a.element_size())
+                         for n, a in module.lora_embedding_A.items()
+                         if n in module.active_adapters and n not in module.merged_adapters)
+        if not isinstance(module, LoraLinear):
+            continue
+        for name in module.active_adapters:
+            if name in module.merged_adapters or name not in module.lora_A:
+                continue
+            weight = module.a(name).weight
+            size = compute.itemsize if autocast else weight.element_size()
+            total += weight.shape[0] * size  # A's output (r values), which B keeps
+            dropout = isinstance(module.lora_dropout[name], nn.Dropout)
+            # A keeps its input, a new tensor when cast for fp32 adapters on a 16-bit base (under
+            # autocast, the copy cast back to 16 bits is the one kept) or passed through dropout,
+            # which also keeps a one-byte mask per value.
+            total += module.in_features * size if dropout or weight.dtype != compute else 0
+            total += module.in_features if dropout else 0
+    return total
+
+
+def _shape(model: nn.Module) -> _Shape:
+    config: Any = model.config
+    hidden = _config_int(config, "hidden_size", "n_embd", "d_model")
+    heads = _config_int(config, "num_attention_heads", "n_head")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    get_head = getattr(model, "get_output_embeddings", None)
+    activation = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
+    return _Shape(
+        layers=_config_int(config, "num_hidden_layers", "n_layer", "num_layers"),
+        hidden=hidden,
+        q_width=heads * head_dim,
+        kv_width=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
+        intermediate=_config_int(config, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
+        gated=any(path.endswith(("gate_proj", "gate_up_proj")) for path, _ in model.named_modules()),
+        act_values=4 if activation in _UNFUSED_GELUS else 1,
+        rms_norm=any(type(m).__name__.endswith("RMSNorm") for m in model.modules()),
+        vocab=int(config.vocab_size) if callable(get_head) and get_head() is not None else 0,
+    )
+
+
+def _config_int(config: Any, *names: str, default: int | None = None) -> int:
+    for name in names:
+        if getattr(config, name, None) is not None:
+            return int(getattr(config, name))
+    if default is None:
+        raise ValueError(f"{type(config).__name__} has none of {', '.join(names)}, which the estimate needs "
+                         "(decoder transformers such as llama, mistral, qwen2, gpt2 and opt have them)")
+    return default
+
+
+def _quantizable_weights(model: nn.Module) -> int:
+    """Weights QLoRA stores in NF4: every Linear/Conv1D weight but the output head, as quantize_model does."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return sum(module.weight.numel() for path, module in model.named_modules()  # type: ignore[union-attr,misc]
+               if base_kind(module) in ("linear", "conv1d") and module is not head
+               and path.rsplit(".", 1)[-1] != "lm_head")
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return callable(getattr(module, "dequantize_weight", None)) and hasattr(module, "in_features")
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype activations run in: an NF4 layer's compute dtype, else the frozen base's dtype."""
+    for module in model.modules():
+        if _is_quantized(module) and isinstance(getattr(module, "compute_dtype", None), torch.dtype):
+            return module.compute_dtype  # type: ignore[return-value]
+    frozen: Counter[torch.dtype] = Counter()
+    every: Counter[torch.dtype] = Counter()
+    for param in model.parameters():
+        if param.is_floating_point():
+            every[param.dtype] += param.numel()
+            frozen[param.dtype] += 0 if param.requires_grad else param.numel()
+    counts = +frozen or every  # unary + drops the zero counts
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _parse_targets(targets: str | Sequence[str]) -> str | tuple[str, ...]:
+    if isinstance(targets, str) and targets != ALL_LINEAR:
+        return tuple(part.strip() for part in targets.split(",") if part.strip())
+    return targets if isinstance(targets, str) else tuple(targets)
+
+
+def _check_settings(batch_size: object, seq_len: object, dtype: object, quant: object) -> None:
+    problems = [f"{name} must be an integer >= 1, got {value!r}"
+                for name, value in (("batch_size", batch_size), ("seq_len", seq_len))
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1]
+    if dtype not in DTYPES:
+        problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quant is not None and quant not in QUANT_METHODS:
+        problems.append(f"quant must be one of {', '.join(QUANT_METHODS)} or None, got {quant!r}")
+    if problems:
+        raise ValueError("invalid estimate settings:\n  " + "\n  ".join(problems))
+
+
+def _describe_model(model: nn.Module, shape: _Shape) -> str:
+    config: Any = model.config
+    return f"{type(model).__name__}, {shape.layers} layers, hidden {shape.hidden}, vocab {config.vocab_size:,d}"
+
+
+def _describe_lora(config: LoraConfig, name: str | None = None) -> str:
+    targets = config.targets if isinstance(config.targets, str) else ", ".join(config.targets)
+    return f"LoRA{f' {name!r}' if name else ''} r={config.r}, alpha={config.alpha:g} on {targets}"
+
+
+def _config_from_json(path: Path) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read a model config from {str(path)!r}: {err}") from err
+    if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
+        raise ValueError(f"{str(path)!r} is not a transformers config.json: it needs a \"model_type\" "
+                         "such as \"llama\", \"mistral\", \"qwen2\", \"gpt2\" or \"opt\"")
+    model_type = values.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r} has model_type {model_type!r}, unknown to this transformers "
+                         f"version ({err})") from err
+
+
+def _config_from_gguf(path: Path) -> PretrainedConfig:
+    from lorakit.hf.gguf_cache import cache_entry
+
+    cached = cache_entry(path) / "config.json"  # a GGUF loaded once before has its config converted
+    if cached.is_file():
+        return _config_from_json(cached)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except Exception as err:  # the GGUF reader raises many kinds on a bad file; all mean "cannot read"
+        raise ValueError(f"cannot read a model config from the GGUF file {str(path)!r}: {err}") from err
