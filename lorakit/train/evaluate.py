@@ -11,6 +11,7 @@ from torch import nn
 
 from lorakit.data import EvalPair, TokenizedDataset, batches, exact_match
 from lorakit.hf.generate import left_pad
+from lorakit.train.chunked_loss import causal_lm_loss
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ def evaluation_loss(model: nn.Module, dataset: TokenizedDataset, batch_size: int
         for batch in batches(dataset, batch_size, shuffle=False, epochs=1):
             inputs = batch.to(device).inputs
             count = batch.num_label_tokens
-            loss = model(**inputs, num_items_in_batch=count).loss
+            loss = causal_lm_loss(model, inputs, num_items=count)
             total += float(loss) * count
             tokens += count
     model.train(was_training)

@@ -32,6 +32,7 @@ from lorakit.data import (
 )
 from lorakit.data.jsonl import FormatChoice
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lorakit.train.chunked_loss import causal_lm_loss
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import ExactMatch, evaluation_loss, exact_match_score
 from lorakit.train.metrics import MetricsLog, plot_losses
@@ -125,7 +126,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
             with autocast:
                 # num_items_in_batch makes each micro-loss a share of the window's token mean,
                 # so accumulation gives exactly the loss of one big batch.
-                loss = model(**batch.inputs, num_items_in_batch=label_tokens).loss
+                loss = causal_lm_loss(model, batch.inputs, num_items=label_tokens)
             loss.backward()
             loss_value += float(loss.detach())
         if not math.isfinite(loss_value):

@@ -1,0 +1,99 @@
+"""Causal-LM loss without ever holding the full-vocabulary logits.
+
+A transformers model computes logits for every position (batch x seq x vocab: 4 x 256 x 49,152
+fp32 is 200 MB), keeps them for the cross-entropy, and its backward makes two more tensors that
+size. With a frozen output head only the gradient with respect to the hidden states is needed,
+so we compute it chunk by chunk during the forward pass itself: logits for a few rows, their
+softmax, (softmax - onehot) @ W, and drop the logits. Peak extra memory: one chunk.
+
+The maths is the plain formula: loss = sum over label tokens of -log softmax(h W^T + b)[label],
+divided by the number of label tokens (or `num_items`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+CHUNK_ROWS = 1024
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """sum of cross-entropy(h W^T + b, labels) over rows; returns the sum, saves only dL/dh."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                labels: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        # hidden: (N, h), weight: (V, h), labels: (N,)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            chunk_labels = labels[rows]
+            keep = chunk_labels != IGNORE_INDEX
+            if not bool(keep.any()):
+                continue
+            h = hidden[rows][keep]
+            logits = F.linear(h, weight, bias).float()  # (n, V)
+            target = chunk_labels[keep]
+            log_probs = torch.log_softmax(logits, dim=-1)
+            total += -log_probs.gather(1, target[:, None]).sum()
+            if grad_hidden is not None:
+                probs = log_probs.exp_()  # reuse the buffer: softmax - onehot is dL/dlogits
+                probs[torch.arange(len(target), device=probs.device), target] -= 1
+                # grad_hidden[rows] is a view, so the masked assignment writes into grad_hidden
+                grad_hidden[rows][keep] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
+        (grad_hidden,) = ctx.saved_tensors
+        if grad_hidden.numel() == 0:
+            return None, None, None, None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
+                           num_items: int | None = None, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Mean next-token cross-entropy of `head(hidden)` against `labels`, shifted as transformers does.
+
+    Args:
+        hidden: (batch, seq, h) final hidden states.
+        head: the frozen output projection (V x h).
+        labels: (batch, seq) token ids, IGNORE_INDEX where no loss is taken.
+        num_items: divide by this instead of the number of label tokens (gradient accumulation).
+    """
+    if head.weight.requires_grad:
+        raise ValueError("chunked_causal_lm_loss needs a frozen output head; use the model's own loss")
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = shifted.reshape(-1).to(flat_hidden.device)
+    total = _ChunkedHeadLoss.apply(flat_hidden, head.weight, head.bias, flat_labels, chunk_rows)
+    count = num_items if num_items is not None else int((flat_labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+def supports_chunked_loss(model: nn.Module) -> bool:
+    """True for a transformers causal LM whose plain linear head is frozen and applied as is."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    decoder = getattr(model, "get_decoder", lambda: None)()
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)  # Cohere-style scaled logits
+    return (type(head) is nn.Linear and decoder is not None and not head.weight.requires_grad
+            and softcap is None and scale is None)
+
+
+def causal_lm_loss(model: nn.Module, inputs: dict[str, Any], num_items: int | None = None) -> torch.Tensor:
+    """The model's training loss for a batch, through the chunked head when the model allows it."""
+    if not supports_chunked_loss(model):
+        return model(**inputs, num_items_in_batch=num_items).loss
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    hidden = model.get_decoder()(**model_inputs).last_hidden_state  # type: ignore[operator]
+    return chunked_causal_lm_loss(hidden, model.get_output_embeddings(), inputs["labels"],  # type: ignore[operator]
+                                  num_items=num_items)

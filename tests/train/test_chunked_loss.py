@@ -1,0 +1,64 @@
+"""The chunked head + cross-entropy equals the model's own loss and gradients, without full logits."""
+
+import pytest
+import torch
+
+from lorakit import LoraConfig, add_adapter
+from lorakit.train.chunked_loss import causal_lm_loss, chunked_causal_lm_loss, supports_chunked_loss
+from tests.models import randomize_adapters, tiny_gpt2, tiny_llama, tokens
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
+def test_same_loss_and_gradients_as_the_model(builder):
+    model = builder()
+    add_adapter(model, LoraConfig(r=4))
+    randomize_adapters(model)
+    ids = tokens(batch=3, length=20)
+    labels = ids.clone()
+    labels[:, :7] = -100  # a masked prompt
+    labels[2, 12:] = -100
+    assert supports_chunked_loss(model)
+
+    reference = model(input_ids=ids, labels=labels).loss
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    ours = causal_lm_loss(model, {"input_ids": ids, "labels": labels})
+    ours.backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_chunking_does_not_change_the_result():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    labels = torch.randint(0, 50, (2, 9))
+    whole = chunked_causal_lm_loss(hidden, head, labels, chunk_rows=1000)
+    (grad_whole,) = torch.autograd.grad(whole, hidden)
+    small = chunked_causal_lm_loss(hidden, head, labels, chunk_rows=4)
+    (grad_small,) = torch.autograd.grad(small, hidden)
+    torch.testing.assert_close(whole, small)
+    torch.testing.assert_close(grad_whole, grad_small)
+    plain = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).reshape(-1, 50), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(whole, plain)
+
+
+def test_num_items_divides_the_sum():
+    hidden = torch.randn(1, 5, 8)
+    head = torch.nn.Linear(8, 11).requires_grad_(False)
+    labels = torch.randint(0, 11, (1, 5))
+    mean = chunked_causal_lm_loss(hidden, head, labels)
+    assert torch.allclose(chunked_causal_lm_loss(hidden, head, labels, num_items=8), mean * 4 / 8)
+
+
+def test_trainable_head_falls_back_to_the_model():
+    model = tiny_llama()
+    add_adapter(model, LoraConfig(r=2, targets=["q_proj"], modules_to_save=["lm_head"]))
+    assert not supports_chunked_loss(model)
+    ids = tokens()
+    assert torch.allclose(causal_lm_loss(model, {"input_ids": ids, "labels": ids}),
+                          model(input_ids=ids, labels=ids).loss)
