@@ -138,3 +138,17 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert "loss became" in str(err.value)
     saved = load_file(str(kept[-1] / "trainable.safetensors"))
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_qlora_training_on_a_4bit_base(tmp_path):
+    from lorakit.quant import NF4Linear
+
+    data = write_data(tmp_path)
+    model, tokenizer = tiny_model_and_tokenizer()
+    result = train(config(tmp_path, data, quantize="nf4", max_steps=12, dropout=0.0, learning_rate=3e-2),
+                   model, tokenizer)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base, NF4Linear)
+    losses = [json.loads(line)["loss"] for line in result.metrics_path.read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    saved = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert any(key.endswith("q_proj.lora_A.weight") for key in saved)  # the same PEFT layout
