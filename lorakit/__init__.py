@@ -14,9 +14,13 @@ from lorakit.core.adapters import (
     set_adapter,
     trainable_parameters,
 )
+from lorakit.core.combine import combine_adapters
 from lorakit.core.config import LoraConfig
 from lorakit.core.inject import add_adapter
+from lorakit.core.inspect_adapter import describe_adapter
+from lorakit.core.io import load_adapter, save_adapter
 from lorakit.core.merge import merge, merge_and_unload, unmerge
+from lorakit.core.per_row import adapters_per_row
 
 __version__ = "0.1.0"
 
@@ -24,13 +28,18 @@ __all__ = [
     "LoraConfig",
     "add_adapter",
     "active_adapters",
+    "adapters_per_row",
+    "combine_adapters",
     "delete_adapter",
+    "describe_adapter",
     "disable_adapters",
     "list_adapters",
+    "load_adapter",
     "merge",
     "merge_and_unload",
     "merged_adapters",
     "print_trainable_parameters",
+    "save_adapter",
     "set_adapter",
     "trainable_parameters",
     "unmerge",

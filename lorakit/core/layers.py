@@ -9,11 +9,14 @@ Which adapters run is the list `active_adapters`; which are folded into the base
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from lorakit.core.per_row import RowAdapters
 
 SUPPORTED_MODULES = "nn.Linear, transformers' Conv1D, nn.Embedding and lorakit's NF4Linear"
 
@@ -74,6 +77,8 @@ class LoraLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # Set only inside `adapters_per_row`: each batch row then runs its own adapter.
+        self.row_adapters: RowAdapters | None = None
 
     def add(self, name: str, r: int, scale: float, dropout: float, init: str) -> None:
         """Create adapter `name` of rank r; with init "kaiming" or "gaussian" it changes nothing yet."""
@@ -110,6 +115,8 @@ class LoraLinear(nn.Module):
         result = self.base(x)
         if self.disabled:
             return result
+        if self.row_adapters is not None:
+            return self._forward_per_row(x, result)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
@@ -117,6 +124,20 @@ class LoraLinear(nn.Module):
             x_in = x.to(lora_a.weight.dtype)  # no copy when the dtypes already agree
             update = self.b(name)(lora_a(self.lora_dropout[name](x_in))) * self.scaling[name]
             result = result + update.to(result.dtype)
+        return result
+
+    def _forward_per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by adapter: gather a group's rows, run its B A, add back at the same rows."""
+        assert self.row_adapters is not None
+        # Without autograd the base output is ours to update in place, saving a copy per adapter.
+        in_place = not result.requires_grad
+        for name, rows in self.row_adapters.groups(x.shape[0], self.path):
+            if name not in self.lora_A:
+                continue
+            lora_a = self.a(name)
+            x_rows = (x if rows is None else x.index_select(0, rows)).to(lora_a.weight.dtype)
+            update = self.b(name)(lora_a(self.lora_dropout[name](x_rows))).to(result.dtype)
+            result = _add_rows(result, rows, update, self.scaling[name], in_place)
         return result
 
     def extra_repr(self) -> str:
@@ -146,6 +167,8 @@ class LoraEmbedding(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # Set only inside `adapters_per_row`: each batch row then runs its own adapter.
+        self.row_adapters: RowAdapters | None = None
 
     def add(self, name: str, r: int, scale: float, dropout: float, init: str) -> None:
         device, dtype = base_device(self.base), adapter_dtype(self.base)
@@ -181,15 +204,35 @@ class LoraEmbedding(nn.Module):
         result = self.base(ids)
         if self.disabled:
             return result
+        if self.row_adapters is not None:
+            for name, rows in self.row_adapters.groups(ids.shape[0], self.path):
+                if name in self.lora_embedding_A:
+                    update = self._update(name, ids if rows is None else ids.index_select(0, rows))
+                    result = _add_rows(result, rows, update, 1.0, in_place=not result.requires_grad)
+            return result
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_embedding_A:
                 continue
-            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            rows = F.embedding(ids, a.T, padding_idx=self.base.padding_idx, max_norm=self.base.max_norm,
-                               norm_type=self.base.norm_type, scale_grad_by_freq=self.base.scale_grad_by_freq,
-                               sparse=self.base.sparse)
-            result = result + ((rows @ b.T) * self.scaling[name]).to(result.dtype)
+            result = result + self._update(name, ids).to(result.dtype)
         return result
+
+    def _update(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """s * (A^T[ids]) B^T for adapter `name`: (...) -> (..., dim), in the base's dtype."""
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        rows = F.embedding(ids, a.T, padding_idx=self.base.padding_idx, max_norm=self.base.max_norm,
+                           norm_type=self.base.norm_type, scale_grad_by_freq=self.base.scale_grad_by_freq,
+                           sparse=self.base.sparse)
+        return ((rows @ b.T) * self.scaling[name]).to(self.base.weight.dtype)
+
+
+def _add_rows(result: torch.Tensor, rows: torch.Tensor | None, update: torch.Tensor, scale: float,
+              in_place: bool) -> torch.Tensor:
+    """result[rows] += scale * update (all rows when `rows` is None); the scale rides along as alpha."""
+    if rows is None:
+        return result.add_(update, alpha=scale) if in_place else result.add(update, alpha=scale)
+    if in_place:
+        return result.index_add_(0, rows, update, alpha=scale)
+    return result.index_add(0, rows, update, alpha=scale)
 
 
 LORA_LAYERS = (LoraLinear, LoraEmbedding)

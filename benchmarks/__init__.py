@@ -1,0 +1,1 @@
+"""Benchmarks: measure and print figures, side by side with the peer (not tests)."""

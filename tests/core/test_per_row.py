@@ -1,0 +1,122 @@
+"""Per-row adapters: one batch, each row with its own adapter, equal to running each row alone."""
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import LoraConfig, add_adapter, disable_adapters, set_adapter
+from lorakit.core.per_row import adapters_per_row
+from tests.models import logits, randomize_adapters, tiny_bert, tiny_llama, tokens
+
+
+def llama_with_adapters():
+    model = tiny_llama()
+    add_adapter(model, LoraConfig(r=2, targets=["q_proj", "v_proj", "embed_tokens"]), name="a")
+    add_adapter(model, LoraConfig(r=4, alpha=8), name="b")
+    add_adapter(model, LoraConfig(r=2, targets=["down_proj"]), name="c")
+    randomize_adapters(model)
+    set_adapter(model, "b")
+    return model
+
+
+def alone(model, rows, run):
+    """run(row_batch) for each row by itself, with that row's adapter set the ordinary way."""
+    previous = lorakit.active_adapters(model)
+    outputs = []
+    for i, name in enumerate(rows):
+        if name is None:
+            with disable_adapters(model):
+                outputs.append(run(i))
+        else:
+            set_adapter(model, name)
+            outputs.append(run(i))
+    set_adapter(model, previous)
+    return torch.cat(outputs)
+
+
+def test_forward_matches_each_row_alone():
+    model = llama_with_adapters()
+    rows = ["a", "b", None, "a", "c"]
+    ids = tokens(batch=5, length=7)
+    expected = alone(model, rows, lambda i: logits(model, ids[i:i + 1]))
+    with adapters_per_row(model, rows):
+        batched = logits(model, ids)
+    torch.testing.assert_close(batched, expected, rtol=0, atol=1e-5)
+
+
+def test_one_adapter_for_every_row_equals_set_adapter():
+    model = llama_with_adapters()
+    ids = tokens(batch=3)
+    set_adapter(model, "a")
+    expected = logits(model, ids)
+    set_adapter(model, "b")
+    with adapters_per_row(model, ["a", "a", "a"]):
+        torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-6)
+
+
+def test_generate_matches_each_row_alone():
+    model = llama_with_adapters()
+    rows = ["a", "b", None, "c"]
+    ids = tokens(batch=4, length=5, seed=3)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = alone(model, rows, lambda i: model.generate(ids[i:i + 1], **settings))
+    with adapters_per_row(model, rows):
+        generated = model.generate(ids, **settings)
+    assert torch.equal(generated, expected)
+
+
+def test_training_through_per_row_reaches_only_the_rows_adapters():
+    model = llama_with_adapters()
+    set_adapter(model, "a")  # per-row picks what runs; set_adapter still picks what trains
+    ids = tokens(batch=2)
+    with adapters_per_row(model, ["a", None]):
+        model(input_ids=ids).logits.sum().backward()
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.lora_B["a"].weight.grad is not None and q.lora_B["a"].weight.grad.abs().sum() > 0
+
+
+def test_modules_to_save_copies_per_row():
+    model = tiny_bert()
+    for name, seed in (("x", 1), ("y", 2)):
+        add_adapter(model, LoraConfig(r=2, targets=["query"], modules_to_save=["classifier"]), name=name)
+        with torch.no_grad():
+            model.classifier.modules_to_save[name].weight.normal_(generator=torch.Generator().manual_seed(seed))
+    randomize_adapters(model)
+    rows = ["y", None, "x"]
+    ids = tokens(batch=3)
+    expected = alone(model, rows, lambda i: logits(model, ids[i:i + 1]))
+    with adapters_per_row(model, rows):
+        torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)
+    assert model.classifier.active_adapters == ["y"]
+
+
+def test_state_is_restored_on_exit_and_on_error():
+    model = llama_with_adapters()
+    ids = tokens(batch=2)
+    before = logits(model, ids)
+    with adapters_per_row(model, ["a", None]):
+        pass
+    assert torch.equal(logits(model, ids), before)
+    with pytest.raises(RuntimeError, match="boom"), adapters_per_row(model, ["a", None]):
+        raise RuntimeError("boom")
+    assert torch.equal(logits(model, ids), before)
+    assert lorakit.active_adapters(model) == ["b"]
+    assert all(layer.row_adapters is None for layer in lorakit.core.walk.lora_layers(model))
+
+
+def test_clear_errors():
+    model = llama_with_adapters()
+    with pytest.raises(ValueError, match="given 2 rows, but .* saw a batch of 3.*num_beams"), \
+            adapters_per_row(model, ["a", "b"]):
+        model(input_ids=tokens(batch=3))
+    with pytest.raises(ValueError, match="unknown: 'zz'; adapters on this model: a, b, c"):
+        with adapters_per_row(model, ["a", "zz"]):
+            pass
+    with pytest.raises(ValueError, match="empty list"), adapters_per_row(model, []):
+        pass
+    with pytest.raises(ValueError, match="cannot be nested"), adapters_per_row(model, ["a"]):
+        with adapters_per_row(model, ["b"]):
+            pass
+    lorakit.merge(model)
+    with pytest.raises(ValueError, match="merged.*unmerge"), adapters_per_row(model, ["a"]):
+        pass
