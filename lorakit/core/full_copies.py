@@ -22,6 +22,7 @@ class ModulesToSave(nn.Module):
         self.path = path
         self.active_adapters: list[str] = []
         self.disabled = False
+        self.training = original.training  # follow the model's mode, not nn.Module's default
 
     def add(self, name: str) -> None:
         trainable = copy.deepcopy(self.original_module)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lorakit.core.adapters import adapter_configs, set_adapter
+from lorakit.core.adapters import adapter_configs, merged_adapters, set_adapter
 from lorakit.core.config import ALL_LINEAR, LoraConfig
 from lorakit.core.full_copies import ModulesToSave
 from lorakit.core.layers import LORA_LAYERS, SUPPORTED_MODULES, base_kind, wrap
@@ -38,6 +38,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> 
         TypeError: a target names a module lorakit cannot adapt.
     """
     _check_name(model, name)
+    if merged_adapters(model):
+        raise ValueError(f"adapters {merged_adapters(model)} are merged into the base weights; "
+                         "call unmerge(model) before adding another adapter")
     targets = find_targets(model, config)
     _check_ranks(targets, config)
     save_paths = _modules_to_save(model, config)

@@ -9,6 +9,8 @@ Which adapters run is the list `active_adapters`; which are folded into the base
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -86,6 +88,7 @@ class LoraLinear(nn.Module):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name].train(self.training)  # a new module starts in training mode
         self.scaling[name] = scale
         init_linear_adapter(self.a(name).weight, self.b(name).weight, init)
 
@@ -112,6 +115,7 @@ class LoraLinear(nn.Module):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h = base(x) + sum over active adapters of B(s * A(dropout(x))); x (..., in) -> h (..., out)."""
         result = self.base(x)
         if self.disabled:
             return result
@@ -121,8 +125,9 @@ class LoraLinear(nn.Module):
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
             lora_a = self.a(name)
-            x_in = x.to(lora_a.weight.dtype)  # no copy when the dtypes already agree
-            update = self.b(name)(lora_a(self.lora_dropout[name](x_in))) * self.scaling[name]
+            x_in = adapter_input(x, lora_a.weight.dtype, self.lora_dropout[name])
+            # s applied on the rank-r side: a (..., r) multiply instead of an (..., out) one
+            update = self.b(name)(lora_a(x_in) * self.scaling[name])
             result = result + update.to(result.dtype)
         return result
 
@@ -235,6 +240,41 @@ def _add_rows(result: torch.Tensor, rows: torch.Tensor | None, update: torch.Ten
     return result.index_add(0, rows, update, alpha=scale)
 
 
+# Prepared adapter inputs by id(x): q, k and v (and gate and up) read the same tensor, so they
+# share one cast copy and one dropout mask instead of each making (and backward keeping) its own.
+# An entry lives exactly as long as its input tensor (a weakref callback removes it).
+_PREPARED: dict[int, tuple[weakref.ref, dict[tuple[torch.dtype, float], torch.Tensor]]] = {}
+
+
+def adapter_input(x: torch.Tensor, dtype: torch.dtype, dropout: nn.Module) -> torch.Tensor:
+    """x cast to the adapter dtype and dropped out, shared by all adapters reading this x.
+
+    No copy at all when the dtypes agree (or autocast will cast) and dropout is off.
+    """
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    cast_needed = x.dtype != dtype and not torch.is_autocast_enabled(x.device.type)
+    if not cast_needed and p == 0:
+        return x
+    if torch.compiler.is_compiling():  # no Python-side cache inside a compiled graph
+        return dropout(x.to(dtype) if cast_needed else x)
+    entry = _PREPARED.get(id(x))
+    if entry is None or entry[0]() is not x:
+        entry = (weakref.ref(x, _forget(id(x))), {})
+        _PREPARED[id(x)] = entry
+    prepared = entry[1].get((dtype, p))
+    if prepared is None:
+        prepared = dropout(x.to(dtype) if cast_needed else x)
+        entry[1][(dtype, p)] = prepared
+    return prepared
+
+
+def _forget(key: int) -> Callable[[weakref.ref], None]:
+    def callback(_: weakref.ref) -> None:
+        _PREPARED.pop(key, None)
+
+    return callback
+
+
 LORA_LAYERS = (LoraLinear, LoraEmbedding)
 LoraLayer = LoraLinear | LoraEmbedding
 
@@ -258,7 +298,7 @@ def init_linear_adapter(a: torch.Tensor, b: torch.Tensor, init: str) -> None:
 
 
 def wrap(module: nn.Module, path: str) -> LoraLinear | LoraEmbedding:
-    """A new LoRA layer around `module`, which must be a supported kind."""
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding(module, path)
-    return LoraLinear(module, path)
+    """A new LoRA layer around `module`, which must be a supported kind, in the module's train/eval mode."""
+    layer = LoraEmbedding(module, path) if isinstance(module, nn.Embedding) else LoraLinear(module, path)
+    layer.training = module.training  # a new nn.Module starts in training mode
+    return layer
