@@ -14,7 +14,6 @@ from lorakit import LoraConfig, add_adapter, trainable_parameters
 from lorakit.hf.estimate import (
     FULL,
     LORA,
-    MODEL_CONFIGS,
     NF4_BITS,
     QLORA,
     ROWS,
@@ -27,6 +26,7 @@ from lorakit.hf.estimate import (
     resolve_model_config,
     shipped_models,
 )
+from lorakit.hf.model_config import MODEL_CONFIGS
 from lorakit.quant import quantize_model
 from tests.models import tiny_llama
 
