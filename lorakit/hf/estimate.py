@@ -285,19 +285,28 @@ def _activation_bytes(shape: _Shape, tokens: int, size: int, adapters: int, chec
     return tokens * (kept + head)
 
 
+# Projections that read their block's input: an adapter input prepared for one of them (a cast
+# copy or a dropout output) is shared by its siblings (see lorakit.core.layers.adapter_input).
+_SIBLING_READERS = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "gate_proj", "up_proj", "w1", "w3"}
+
+
 def _adapter_bytes_per_token(model: nn.Module, compute: torch.dtype, autocast: bool) -> int:
     """Bytes per token the active adapters keep, over the whole model.
 
-    Under autocast an adapter computes in the compute dtype, without it in its own (fp32) dtype.
+    Under autocast an adapter computes in the compute dtype (no cast copy of its input), without
+    it in its own (fp32) dtype.
     """
     total = 0
-    for module in model.modules():
+    prepared: set[str] = set()
+    for path, module in model.named_modules():
         if isinstance(module, LoraEmbedding):
             total += sum(a.shape[0] * (compute.itemsize if autocast else a.element_size())
                          for n, a in module.lora_embedding_A.items()
                          if n in module.active_adapters and n not in module.merged_adapters)
         if not isinstance(module, LoraLinear):
             continue
+        parent, _, leaf = path.rpartition(".")
+        reader = f"{parent}.<input>" if leaf in _SIBLING_READERS else path
         for name in module.active_adapters:
             if name in module.merged_adapters or name not in module.lora_A:
                 continue
@@ -305,11 +314,12 @@ def _adapter_bytes_per_token(model: nn.Module, compute: torch.dtype, autocast: b
             size = compute.itemsize if autocast else weight.element_size()
             total += weight.shape[0] * size  # A's output (r values), which B keeps
             dropout = isinstance(module.lora_dropout[name], nn.Dropout)
-            # A keeps its input, a new tensor when cast for fp32 adapters on a 16-bit base (under
-            # autocast, the copy cast back to 16 bits is the one kept) or passed through dropout,
-            # which also keeps a one-byte mask per value.
-            total += module.in_features * size if dropout or weight.dtype != compute else 0
-            total += module.in_features if dropout else 0
+            # A keeps its input: a new tensor when cast for fp32 adapters on a 16-bit base or passed
+            # through dropout (plus a one-byte mask per value), made once per distinct input.
+            copies = dropout or (weight.dtype != compute and not autocast)
+            if copies and reader not in prepared:
+                prepared.add(reader)
+                total += module.in_features * size + (module.in_features if dropout else 0)
     return total
 
 

@@ -87,9 +87,9 @@ def test_activation_formula_by_hand():
     # LoRA r=16 on the 7 linear kinds, fp32: each adapter adds A's output, 16 values.
     lora = 30 * (attention + mlp) * 4 + 30 * 7 * 16 * 4 + 2 * 576 * 4 + logits
     assert estimate("smollm2-135m", dtype="fp32", seq_len=1).memory[LORA].activations == lora
-    # bf16: the fp32 adapters each keep a copy of their input (576 wide, 1536 for down_proj).
-    copies = 6 * 576 + 1536
-    lora16 = 30 * (attention + mlp + copies + 7 * 16) * 2 + 2 * 576 * 2 + logits
+    # bf16 trains under autocast: the fp32 adapters run in bf16 on the layer's own input, so
+    # they keep no copy of it, only their A outputs in bf16.
+    lora16 = 30 * (attention + mlp + 7 * 16) * 2 + 2 * 576 * 2 + logits
     assert estimate("smollm2-135m", dtype="bf16", seq_len=1).memory[LORA].activations == lora16
     # Gradient checkpointing: each layer's input, plus one layer (and its adapters) recomputed.
     checkpointed = 30 * 576 * 4 + (attention + mlp + 7 * 16) * 4 + 2 * 576 * 4 + logits
@@ -160,7 +160,7 @@ def test_format_estimate_prints_counts_and_a_table(llama8b):
     rows = {line.split()[0]: re.findall(r"\d[\d,]*\.\d\d", line) for line in text.splitlines()
             if line.split()[:1] and line.split()[0] in ROWS}
     assert list(rows) == list(ROWS) and all(len(values) == 3 for values in rows.values())
-    assert rows["total"] == ["181.21", "73.26", "62.90"]  # full: 16.06 + 16.06 + 96.36 + 52.72
+    assert rows["total"] == ["181.21", "64.67", "54.31"]  # full: 16.06 + 16.06 + 96.36 + 52.72
 
 
 def test_bad_settings_are_all_listed():
@@ -235,9 +235,10 @@ def test_estimate_for_model_counts_fp32_adapter_copies_bigger_without_autocast()
     model = tiny_llama(hidden=64).to(torch.bfloat16)
     add_adapter(model, LoraConfig(r=4, targets="all-linear"))  # adapters in fp32 beside the bf16 base
     plain, mixed = (estimate_for_model(model, 2, 16, autocast=a).memory[LORA].activations for a in (False, True))
-    # Per token and layer the adapters keep 6 inputs 64 wide, one 128 wide, and 7 x 4 A outputs:
-    # 4 bytes each without autocast, 2 under it.
-    assert plain - mixed == 2 * 16 * 2 * (6 * 64 + 128 + 7 * 4) * (4 - 2)
+    # Per token and layer, without autocast the adapters keep fp32 copies of 3 distinct inputs 64
+    # wide (q/k/v share one, gate/up share one, o) and one 128 wide (down), and 7 x 4 A outputs
+    # at 4 bytes; under autocast no copies, and the A outputs at 2 bytes.
+    assert plain - mixed == 2 * 16 * 2 * ((3 * 64 + 128) * 4 + 7 * 4 * (4 - 2))
     assert estimate_for_model(model, 2, 16).memory[LORA].activations == plain  # CPU: no autocast
 
 
