@@ -98,4 +98,23 @@ def quantize_model(
             double_quant=double_quant,
         )
         setattr(parent, child_name, layer)
+    _own_remaining_parameters(model)
     return model
+
+
+def _own_remaining_parameters(model: nn.Module) -> None:
+    """Copy the full-precision parameters left (embeddings, norms, head) into our own memory.
+
+    transformers memory-maps safetensors files. While one tensor still points into the mapping,
+    every page of it read so far (the fp32 weights just quantized) stays resident, so the 4-bit
+    base would save little memory. Tied parameters stay tied: each is copied once.
+    """
+    copies: dict[int, nn.Parameter] = {}
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is None or param.device.type != "cpu":
+                    continue
+                if id(param) not in copies:
+                    copies[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                module._parameters[name] = copies[id(param)]

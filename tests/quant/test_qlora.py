@@ -78,3 +78,13 @@ def test_merge_and_unload_of_4bit_base(mode, tolerance, capsys):
 def test_bad_quantized_mode():
     with pytest.raises(ValueError, match="quantized must be one of dequantize, requantize"):
         merge_and_unload(qlora_llama(), quantized="int8")
+
+
+def test_quantize_model_copies_the_rest_out_of_loaded_storage_and_keeps_ties():
+    model = tiny_llama(tie=True)
+    embedding = model.model.embed_tokens.weight
+    pointer = embedding.data_ptr()
+    quantize_model(model, "nf4")
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert model.model.embed_tokens.weight.data_ptr() != pointer  # our own copy, not the loaded storage
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
