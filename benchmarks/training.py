@@ -145,7 +145,13 @@ def _step(model: nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optimizer 
         synchronize(device)
         forward = time.perf_counter()
         return {"seconds": forward - start, "forward": forward - start, "loss": loss.item()}
-    loss = model(input_ids=ids, labels=ids).loss
+    if lib == "lorakit":
+        # lorakit's training step: the output head and cross-entropy in chunks (lorakit.train does this)
+        from lorakit.train.chunked_loss import causal_lm_loss
+
+        loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+    else:
+        loss = model(input_ids=ids, labels=ids).loss
     synchronize(device)
     forward = time.perf_counter()
     loss.backward()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
-CHUNK_ROWS = 1024
+CHUNK_ROWS = 256
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
