@@ -10,7 +10,7 @@ from torch import nn
 from lorakit.core.adapters import adapter_configs, merged_adapters, set_adapter
 from lorakit.core.config import ALL_LINEAR, LoraConfig
 from lorakit.core.full_copies import ModulesToSave
-from lorakit.core.layers import LORA_LAYERS, SUPPORTED_MODULES, base_kind, wrap
+from lorakit.core.layers import LORA_LAYERS, SUPPORTED_MODULES, base_kind, in_out, wrap
 from lorakit.core.walk import model_modules, replace_module
 
 _LINEAR_KINDS = ("linear", "conv1d", "quantized")
@@ -153,22 +153,12 @@ def _check_name(model: nn.Module, name: str) -> None:
 def _check_ranks(targets: list[tuple[str, nn.Module]], config: LoraConfig) -> None:
     too_big = []
     for path, module in targets:
-        layer_in, layer_out = _in_out(_unwrapped(module))
+        layer_in, layer_out = in_out(_unwrapped(module))
         rank = config.rank_for(path)
         if rank > min(layer_in, layer_out):
             too_big.append(f"{path} ({layer_in} -> {layer_out}): r={rank} > {min(layer_in, layer_out)}")
     if too_big:
         raise ValueError("r must not exceed min(in, out) of the module:\n  " + "\n  ".join(too_big))
-
-
-def _in_out(module: nn.Module) -> tuple[int, int]:
-    kind = base_kind(module)
-    if kind == "conv1d":
-        rows, cols = module.weight.shape  # type: ignore[union-attr,misc]
-        return int(rows), int(cols)
-    if kind == "embedding":
-        return int(module.num_embeddings), int(module.embedding_dim)  # type: ignore[arg-type]
-    return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
 
 
 def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:

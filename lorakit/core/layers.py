@@ -37,6 +37,17 @@ def base_kind(module: nn.Module) -> str | None:
     return None
 
 
+def in_out(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a linear, Conv1D, 4-bit linear or embedding (num_embeddings, dim)."""
+    kind = base_kind(module)
+    if kind == "conv1d":
+        rows, cols = module.weight.shape  # type: ignore[union-attr,misc]
+        return int(rows), int(cols)
+    if kind == "embedding":
+        return int(module.num_embeddings), int(module.embedding_dim)  # type: ignore[arg-type]
+    return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
+
+
 def adapter_dtype(base: nn.Module) -> torch.dtype:
     """Adapters train in fp32 beside half-precision or quantized bases, otherwise in the base dtype."""
     weight = getattr(base, "weight", None)

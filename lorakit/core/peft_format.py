@@ -22,7 +22,7 @@ from lorakit.core.adapters import adapter_configs
 from lorakit.core.config import ALL_LINEAR, LoraConfig
 from lorakit.core.full_copies import ModulesToSave
 from lorakit.core.inject import find_targets
-from lorakit.core.layers import LORA_LAYERS, LoraEmbedding, LoraLinear, base_kind
+from lorakit.core.layers import LORA_LAYERS, LoraEmbedding, LoraLinear, base_kind, in_out
 from lorakit.core.walk import lora_layers, model_modules
 
 PREFIX = "base_model.model."
@@ -153,17 +153,6 @@ def modules_to_save_paths(model: nn.Module, names: Iterable[str]) -> list[str]:
     names = tuple(names)
     return [path for path, _ in model_modules(model)
             if any(path == key or path.endswith("." + key) for key in names)]
-
-
-def in_out(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of a linear, Conv1D, 4-bit linear or embedding (num_embeddings, dim)."""
-    kind = base_kind(module)
-    if kind == "conv1d":
-        rows, cols = module.weight.shape  # type: ignore[union-attr,misc]
-        return int(rows), int(cols)
-    if kind == "embedding":
-        return int(module.num_embeddings), int(module.embedding_dim)  # type: ignore[arg-type]
-    return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
 
 
 # --- config --------------------------------------------------------------------------------------
