@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lorakit.hf.offline import hub_offline
+from lorakit.hf.saving import drop_gguf_marks
 
 CACHE_ENV_VAR = "LORAKIT_CACHE_DIR"
 GGUF_MAGIC = b"GGUF"
@@ -155,11 +156,7 @@ def _convert(gguf_path: Path, target: Path) -> None:
             "the file may be truncated or corrupt, or hold an architecture transformers cannot load"
         ) from error
 
-    # The weights are plain float tensors now, but the model still carries the GGUF quantizer,
-    # and save_pretrained refuses ("quantized with gguf and is not serializable") until we drop it.
-    model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module's __setattr__ typing
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    drop_gguf_marks(model)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
 
