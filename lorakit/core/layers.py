@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.core.lora_function import lora_linear
+
 if TYPE_CHECKING:
     from lorakit.core.per_row import RowAdapters
 
@@ -127,11 +129,14 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h = base(x) + sum over active adapters of B(s * A(dropout(x))); x (..., in) -> h (..., out)."""
-        result = self.base(x)
         if self.disabled:
-            return result
+            return self.base(x)
         if self.row_adapters is not None:
-            return self._forward_per_row(x, result)
+            return self._forward_per_row(x, self.base(x))
+        live = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
+        if len(live) == 1 and self._fused_path_fits(x, live[0]):
+            return self._forward_fused(x, live[0])
+        result = self.base(x)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
@@ -141,6 +146,21 @@ class LoraLinear(nn.Module):
             update = self.b(name)(lora_a(x_in) * self.scaling[name])
             result = result + update.to(result.dtype)
         return result
+
+    def _fused_path_fits(self, x: torch.Tensor, name: str) -> bool:
+        """LoraLinearFunction handles a frozen nn.Linear with x, W, A and B in one dtype, autocast off."""
+        if self.kind != "linear" or torch.is_autocast_enabled(x.device.type):
+            return False
+        weight, bias = cast(torch.Tensor, self.base.weight), self.base.bias
+        a, b = self.a(name).weight, self.b(name).weight
+        return (not weight.requires_grad and (bias is None or not bias.requires_grad)
+                and x.dtype == weight.dtype == a.dtype == b.dtype)
+
+    def _forward_fused(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        return lora_linear(x, cast(torch.Tensor, self.base.weight), self.base.bias, self.a(name).weight,
+                           self.b(name).weight, self.scaling[name], p)
 
     def _forward_per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Rows grouped by adapter: gather a group's rows, run its B A, add back at the same rows."""

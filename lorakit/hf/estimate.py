@@ -286,7 +286,8 @@ def _activation_bytes(shape: _Shape, tokens: int, size: int, adapters: int, chec
 
 
 # Projections that read their block's input: an adapter input prepared for one of them (a cast
-# copy or a dropout output) is shared by its siblings (see lorakit.core.layers.adapter_input).
+# copy, a dropout output or mask) is shared by its siblings (lorakit.core.layers.adapter_input,
+# lorakit.core.lora_function.dropout_mask).
 _SIBLING_READERS = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "gate_proj", "up_proj", "w1", "w3"}
 
 
@@ -314,12 +315,17 @@ def _adapter_bytes_per_token(model: nn.Module, compute: torch.dtype, autocast: b
             size = compute.itemsize if autocast else weight.element_size()
             total += weight.shape[0] * size  # A's output (r values), which B keeps
             dropout = isinstance(module.lora_dropout[name], nn.Dropout)
-            # A keeps its input: a new tensor when cast for fp32 adapters on a 16-bit base or passed
-            # through dropout (plus a one-byte mask per value), made once per distinct input.
-            copies = dropout or (weight.dtype != compute and not autocast)
-            if copies and reader not in prepared:
+            cast = weight.dtype != compute and not autocast
+            # The fused path (lorakit.core.lora_function: a plain linear, one dtype) keeps the input
+            # the base keeps anyway and, with dropout, a one-byte mask per value. Otherwise A keeps
+            # its input as a new tensor when it is cast (fp32 adapters on a 16-bit base) or
+            # dropped out (plus the mask). Either is made once per distinct input.
+            fused = module.kind == "linear" and not cast and not autocast and len(module.active_adapters) == 1
+            copy = 0 if fused else (module.in_features * size if dropout or cast else 0)
+            mask = module.in_features if dropout else 0
+            if reader not in prepared and copy + mask:
                 prepared.add(reader)
-                total += module.in_features * size + (module.in_features if dropout else 0)
+                total += copy + mask
     return total
 
 

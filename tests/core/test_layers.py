@@ -1,4 +1,4 @@
-"""The LoRA layer's forward: the plain formula, shared prepared inputs, dropout modes."""
+"""The LoRA layer's forward: the plain formula, dropout modes (the fused path: test_lora_function.py)."""
 
 import pytest
 import torch
@@ -6,28 +6,6 @@ import torch
 import lorakit
 from lorakit import LoraConfig, add_adapter
 from tests.models import MLP, logits, randomize_adapters, tiny_llama, tokens
-
-
-def captured_adapter_inputs(model, names):
-    seen = {}
-    handles = [model.get_submodule(path).lora_A["default"].register_forward_pre_hook(
-        lambda module, args, path=path: seen.setdefault(path, args[0])) for path in names]
-    return seen, handles
-
-
-def test_q_k_v_share_one_dropout_mask_and_layers_do_not():
-    model = tiny_llama()
-    add_adapter(model, LoraConfig(r=4, dropout=0.3))
-    model.train()
-    paths = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "k_proj", "v_proj")]
-    seen, handles = captured_adapter_inputs(model, paths)
-    model(input_ids=tokens())
-    for handle in handles:
-        handle.remove()
-    q0, k0, v0, q1 = (seen[p] for p in paths[:4])
-    assert q0 is k0 is v0
-    assert q1 is not q0
-    assert (q0 == 0).any()  # dropout did run
 
 
 def test_forward_is_the_plain_formula_for_a_bf16_base():
