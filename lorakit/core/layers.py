@@ -159,8 +159,9 @@ class LoraLinear(nn.Module):
     def _forward_fused(self, x: torch.Tensor, name: str) -> torch.Tensor:
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        return lora_linear(x, cast(torch.Tensor, self.base.weight), self.base.bias, self.a(name).weight,
-                           self.b(name).weight, self.scaling[name], p)
+        base = cast(nn.Linear, self.base)
+        return lora_linear(x, base.weight, base.bias, self.a(name).weight, self.b(name).weight,
+                           self.scaling[name], p)
 
     def _forward_per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Rows grouped by adapter: gather a group's rows, run its B A, add back at the same rows."""
