@@ -47,6 +47,8 @@ from benchmarks.common import (
     tensor_bytes,
     touch,
 )
+from lorakit import fuse_gated_mlps
+from lorakit.train.chunked_loss import causal_lm_loss
 
 LIBS = ("lorakit", "peft", "base", "forward")
 
@@ -99,6 +101,8 @@ def train(setting: Setting, lib: str, checkpointing: bool, quant: str, warmup: i
         result.update(_quantize(model))
     if lib in ("lorakit", "peft"):
         model = add_lorakit(model, setting) if lib == "lorakit" else add_peft(model, setting)
+        if lib == "lorakit":
+            fuse_gated_mlps(model)  # lorakit.train does this too
         if init:
             from safetensors.torch import load_file
 
@@ -147,8 +151,6 @@ def _step(model: nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optimizer 
         return {"seconds": forward - start, "forward": forward - start, "loss": loss.item()}
     if lib == "lorakit":
         # lorakit's training step: the output head and cross-entropy in chunks (lorakit.train does this)
-        from lorakit.train.chunked_loss import causal_lm_loss
-
         loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
     else:
         loss = model(input_ids=ids, labels=ids).loss
@@ -194,6 +196,7 @@ def _quantize(model: nn.Module) -> dict[str, Any]:
 def loss_check(setting: Setting, steps: int) -> dict[str, Any]:
     """Both libraries in one process, dropout 0, same adapter and batches, steps taken in turn."""
     ours = add_lorakit(build_model(setting), setting, dropout=0.0)
+    fuse_gated_mlps(ours)
     theirs = add_peft(build_model(setting), setting, dropout=0.0)
     torch.manual_seed(1)
     copy_adapter(theirs, adapter_tensors(ours))
@@ -207,7 +210,9 @@ def loss_check(setting: Setting, steps: int) -> dict[str, Any]:
     for step in range(steps):
         ids = batch_ids(step, setting, shape["vocab"])
         for name, (model, optimizer) in zip(losses, pairs, strict=True):
-            loss = model(input_ids=ids, labels=ids).loss
+            # each library's own training loss: lorakit's chunked head, PEFT's model loss
+            loss = (causal_lm_loss(model, {"input_ids": ids, "labels": ids}) if name == "lorakit"
+                    else model(input_ids=ids, labels=ids).loss)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -21,6 +21,7 @@ from lorakit.core.inspect_adapter import describe_adapter
 from lorakit.core.io import load_adapter, save_adapter
 from lorakit.core.merge import merge, merge_and_unload, unmerge
 from lorakit.core.per_row import adapters_per_row
+from lorakit.core.swiglu import fuse_gated_mlps
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "delete_adapter",
     "describe_adapter",
     "disable_adapters",
+    "fuse_gated_mlps",
     "list_adapters",
     "load_adapter",
     "merge",

@@ -38,7 +38,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if not bool(keep.any()):
                 continue
             h = hidden[rows][keep]
-            logits = F.linear(h, weight, bias).float()  # (n, V)
+            logits = F.linear(h, weight, bias)  # (n, V)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit up to fp32
             target = chunk_labels[keep]
             log_probs = torch.log_softmax(logits, dim=-1)
             total += -log_probs.gather(1, target[:, None]).sum()

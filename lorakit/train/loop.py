@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from lorakit.core.adapters import trainable_parameters
 from lorakit.core.config import LoraConfig
 from lorakit.core.inject import add_adapter
+from lorakit.core.swiglu import fuse_gated_mlps
 from lorakit.data import (
     DataPosition,
     TokenizedDataset,
@@ -88,6 +89,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         quantize_model(model, config.quantize)
     add_adapter(model, LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, targets=config.targets,
                                   use_rslora=config.use_rslora))
+    fuse_gated_mlps(model)  # same values, less kept for backward
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # type: ignore[operator]
     _announce(model, config, train_set)

@@ -1,0 +1,65 @@
+"""silu(gate) * up as one autograd function, for gated (SwiGLU) MLPs: down(silu(gate(x)) * up(x)).
+
+Written with autograd ops it keeps three (tokens x intermediate) tensors for backward: gate's
+output (for silu's backward), silu(gate) and up's output (for the product's). This function keeps
+only gate and up and recomputes silu(gate) in backward, one elementwise pass: 4 bytes per
+intermediate channel per token less (180 MiB per step for SmolLM2-135M at 4 x 256 tokens, fp32).
+
+    out = silu(g) * u       d out / d u = silu(g)       d out / d g = u * silu'(g)
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        gate, up = ctx.saved_tensors
+        need_gate, need_up = ctx.needs_input_grad
+        grad_up = grad * F.silu(gate) if need_up else None
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if need_gate else None
+        return grad_gate, grad_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, keeping only gate and up for backward."""
+    return SwiGLUFunction.apply(gate, up)
+
+
+def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # type: ignore[operator]
+
+
+def is_gated_silu_mlp(module: nn.Module) -> bool:
+    """A Llama-style MLP: gate_proj, up_proj, down_proj and a SiLU act_fn, forward = down(act(gate) * up)."""
+    act = getattr(module, "act_fn", None)
+    # transformers' own SiLUActivation (F.silu) is matched by name so core never imports transformers
+    silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return silu and all(isinstance(getattr(module, name, None), nn.Module)
+                        for name in ("gate_proj", "up_proj", "down_proj"))
+
+
+def fuse_gated_mlps(model: nn.Module) -> int:
+    """Run every Llama-style SiLU-gated MLP in `model` through `swiglu`; returns how many.
+
+    Values and gradients are unchanged (the same formula); only what backward keeps shrinks.
+    The MLP's own forward is replaced on the instance, so the state dict and the class stay as they are.
+    """
+    fused = 0
+    for module in model.modules():
+        if is_gated_silu_mlp(module) and "forward" not in module.__dict__:  # not replaced already
+            module.forward = types.MethodType(_gated_forward, module)  # type: ignore[method-assign]
+            fused += 1
+    return fused
