@@ -232,10 +232,11 @@ def emit(result: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_child(module: str, args: Sequence[str], timeout: float = 1800.0) -> dict[str, Any]:
+def run_child(module: str, args: Sequence[str], timeout: float = 1800.0,
+              extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `python -m module args` from the repository root and return its RESULT line as a dict."""
     command = [sys.executable, "-m", module, *args]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:

@@ -28,6 +28,11 @@ from benchmarks.report import render, summary_rows
 from benchmarks.roofline import measure_matmuls, step_flops
 
 PAIRS = (("lorakit", 0), ("peft", 0), ("lorakit", 1), ("peft", 1))
+# glibc's malloc keeps freed blocks and fragments, so a process's peak RSS is its live tensors plus
+# whatever the allocator held on to. With every block above 64 KiB mmapped (and unmapped when
+# freed), RSS follows the live tensors: that run measures what training needs, not how glibc kept it.
+# (It makes each step slower, from the page faults, so its timings are not used.)
+LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, by name
 
 
@@ -40,7 +45,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="default 4, quick 2")
     parser.add_argument("--seq", type=int, help="default 256, quick 128")
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out: "
-                        "extras,loss,generation,per_row,cuda")
+                        "extras,live,loss,generation,per_row,cuda")
     parser.add_argument("--cuda-model", default="llama-1b", help="random Llama model for the CUDA section")
     parser.add_argument("--cuda-device", default="cuda", help="'cpu' runs the CUDA section's code on the CPU (a check)")
     parser.add_argument("--cuda-dtype", default="bfloat16")
@@ -78,6 +83,8 @@ def main() -> None:
         prepared = run_child("benchmarks.training", ["--mode", "prepare", "--init", init, *setting.to_args()])
         results["model"] = prepared
         results["training"], results["roofline"] = _training(setting, prepared["shape"], init, plan, skip)
+        if "live" not in skip:
+            results["live_peak"] = _live_peaks(setting, init)
 
     if "loss" not in skip:
         _log("loss check (dropout 0, both libraries in one process)")
@@ -139,11 +146,24 @@ def _training(setting: Setting, shape: dict[str, int], init: str, plan: dict[str
     return configs, roofline
 
 
-def _run_config(configs: dict[str, dict[str, Any]], key: str, args: list[str]) -> None:
+def _live_peaks(setting: Setting, init: str) -> dict[str, Any]:
+    """Peak RSS of one warm-up + one step per configuration with glibc returning freed blocks (LIVE_ENV)."""
+    _log(f"live peaks ({' '.join(f'{k}={v}' for k, v in LIVE_ENV.items())}; timings not used)")
+    configs: dict[str, dict[str, Any]] = {}
+    for lib, gc in PAIRS:
+        args = ["--lib", lib, "--gc", str(gc), "--init", init, "--warmup", "1", "--steps", "1", *setting.to_args()]
+        _run_config(configs, f"{lib}_gc{gc}", args, extra_env=LIVE_ENV)
+    peaks = {key: config["runs"][0]["peak_rss"] for key, config in configs.items() if config["runs"]}
+    return {"env": LIVE_ENV, "peak_rss": peaks,
+            "rss_after_load": {key: c["runs"][0]["rss_after_load"] for key, c in configs.items() if c["runs"]}}
+
+
+def _run_config(configs: dict[str, dict[str, Any]], key: str, args: list[str],
+                extra_env: dict[str, str] | None = None) -> None:
     _log(f"  {key}: python -m benchmarks.training {' '.join(a for a in args if not a.endswith('.safetensors'))}")
     config = configs.setdefault(key, {"runs": [], "errors": []})
     try:
-        run = run_child("benchmarks.training", args)
+        run = run_child("benchmarks.training", args, extra_env=extra_env)
     except Exception as error:  # one failed child (e.g. out of memory) must not lose the others' figures
         config["errors"].append(str(error)[-2000:])
         _log(f"    FAILED: {str(error)[-500:]}")
