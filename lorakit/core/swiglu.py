@@ -51,6 +51,11 @@ def is_gated_silu_mlp(module: nn.Module) -> bool:
                         for name in ("gate_proj", "up_proj", "down_proj"))
 
 
+def is_fused(module: nn.Module) -> bool:
+    """True for an MLP whose forward `fuse_gated_mlps` replaced."""
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _gated_forward
+
+
 def fuse_gated_mlps(model: nn.Module) -> int:
     """Run every Llama-style SiLU-gated MLP in `model` through `swiglu`; returns how many.
 

@@ -22,6 +22,7 @@ from lorakit.core.adapters import active_adapters, adapter_configs, trainable_pa
 from lorakit.core.config import ALL_LINEAR, LoraConfig
 from lorakit.core.inject import add_adapter
 from lorakit.core.layers import LoraEmbedding, LoraLinear, base_kind
+from lorakit.core.swiglu import is_fused
 from lorakit.hf.model_config import DEFAULT_MODEL, meta_model, resolve_model_config, shipped_models
 
 if TYPE_CHECKING:
@@ -251,6 +252,7 @@ class _Shape:
     intermediate: int
     gated: bool  # SwiGLU-style MLP (gate and up projections) rather than fc1 -> act -> fc2
     act_values: int  # values the MLP activation keeps per channel: 1 when fused (silu, gelu, relu)
+    fused_gate: bool  # silu(gate) * up runs as lorakit's SwiGLUFunction (keeps gate and up only)
     rms_norm: bool  # transformers' RMSNorm, which applies its weight as a separate multiply
     vocab: int  # logits per token; 0 without a language-model head
 
@@ -262,7 +264,9 @@ class _Shape:
         # MLP: the norm's input, the first projections' input, then per intermediate channel the
         # activation's input(s) and gate's activated output, up's output, down's input (gated)
         # or just fc2's input (plain).
-        mlp = 2 * self.hidden + (self.act_values + (3 if self.gated else 1)) * self.intermediate
+        # Fused (lorakit.fuse_gated_mlps): gate's and up's outputs and down's input.
+        per_channel = 3 if self.fused_gate else self.act_values + (3 if self.gated else 1)
+        mlp = 2 * self.hidden + per_channel * self.intermediate
         # An RMSNorm whose weight trains (full fine-tuning) also keeps its output before the weight.
         return attention + mlp + (2 * self.hidden if norms_train and self.rms_norm else 0)
 
@@ -344,6 +348,7 @@ def _shape(model: nn.Module) -> _Shape:
         intermediate=_config_int(config, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
         gated=any(path.endswith(("gate_proj", "gate_up_proj")) for path, _ in model.named_modules()),
         act_values=4 if activation in _UNFUSED_GELUS else 1,
+        fused_gate=any(is_fused(m) for m in model.modules()),
         rms_norm=any(type(m).__name__.endswith("RMSNorm") for m in model.modules()),
         vocab=int(config.vocab_size) if callable(get_head) and get_head() is not None else 0,
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit import LoraConfig, add_adapter, trainable_parameters
+from lorakit import LoraConfig, add_adapter, fuse_gated_mlps, trainable_parameters
 from lorakit.hf.estimate import (
     FULL,
     LORA,
@@ -270,13 +270,15 @@ def _saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> int:
     return sum(kept.values())
 
 
-@pytest.mark.parametrize("setup", ["full", "lora", "lora+dropout"])
+@pytest.mark.parametrize("setup", ["full", "lora", "lora+dropout", "lora+dropout+fused mlp"])
 def test_activation_estimate_is_close_to_what_autograd_keeps(setup: str):
     model = tiny_llama(vocab=1000, hidden=192, layers=3)
     if setup == "full":
         model.requires_grad_(True)
     else:
         add_adapter(model, LoraConfig(r=8, targets="all-linear", dropout=0.1 if "dropout" in setup else 0.0))
+    if "fused" in setup:
+        assert fuse_gated_mlps(model) == 3
     ids = torch.randint(0, 1000, (2, 128), generator=torch.Generator().manual_seed(0))
     est = estimate_for_model(model, batch_size=2, seq_len=128)
     ratio = est.memory[est.method].activations / _saved_activation_bytes(model, ids)
