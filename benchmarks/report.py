@@ -63,13 +63,58 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _limits(results: dict[str, Any]) -> str:
+    """For the targets not met: the figures of this run that bound what any adapter library can reach."""
+    train = results.get("training", {})
+    ours, theirs, base = (train.get(k, {}) for k in ("lorakit_gc0", "peft_gc0", "base_gc0"))
+    if not all("median_seconds" in c for c in (ours, theirs, base)):
+        return ""
+    lines = ["## What limits the targets not met", ""]
+    target_seconds = theirs["median_seconds"] / 1.5
+    room = target_seconds - base["median_seconds"]
+    lines.append(
+        f"- **Speed.** The frozen transformers model alone, forward + backward with no adapter, takes "
+        f"{base['median_seconds']:.2f} s/step; PEFT takes {theirs['median_seconds']:.2f}. 1.5x PEFT is "
+        f"{target_seconds:.2f} s/step, which leaves "
+        + (f"{room:.2f} s" if room > 0 else "less than nothing")
+        + f" over the base for the adapters' matmuls, the dropout masks and AdamW; lorakit's take "
+        f"{ours['median_seconds'] - base['median_seconds']:.2f} s (PEFT's {theirs['median_seconds'] - base['median_seconds']:.2f} s). "
+        "The base itself is transformers' code, which lorakit runs as is: its matmuls "
+        f"({base['flops']['total'] / 1e9:,.0f} GFLOP, {base['roofline_seconds']:.2f} s at this machine's measured rate) "
+        "and its attention, norms, rotary and activations. Of lorakit's share, about 0.4 s is drawing the dropout "
+        "masks (`torch.profiler` of one step: `aten::uniform_`; torch's CPU random generator is serial, and a "
+        "second thread drawing half of each mask did not help).")
+    budget = 1.15 * ours["roofline_seconds"] - base["median_seconds"]
+    lines.append(
+        f"- **Roofline.** The frozen base is at {base['roofline_multiple']:.2f}x the roofline by itself. The 1.15x "
+        f"target leaves the adapters, the dropout and AdamW {budget:.2f} s (1.15 x lorakit's roofline time minus the "
+        f"base's time); they take {ours['median_seconds'] - base['median_seconds']:.2f} s. The FLOP count leaves out "
+        "the base's elementwise and attention work, which is most of its own gap.")
+    live = results.get("live_peak", {})
+    load = ours.get("rss_after_load")
+    peft_live = live.get("peak_rss", {}).get("peft_gc0")
+    if load and peft_live:
+        base_live = base["peak_rss"] - base["rss_after_load"]
+        lines.append(
+            f"- **Memory.** {_gib(load)} is there before the first step (Python, torch, transformers and the fp32 "
+            f"weights), {load / peft_live:.2f}x of PEFT's live peak ({_gib(peft_live)}) already; a quarter of that "
+            f"peak, {_gib(peft_live / 4)}, leaves {_gib(max(peft_live / 4 - load, 0))} for everything a checkpointed "
+            "step holds (each layer's input, one layer's activations, the head's chunk, the adapters' gradients and "
+            f"AdamW's moments){', so no library meets that target with fp32 weights' if peft_live / 4 - load < 0.1 * 2**30 else ''}. "
+            "Without checkpointing, the frozen base alone adds "
+            f"{_gib(base_live)} of peak RSS over the load (its saved activations: norms' inputs, q/k/v, "
+            "attention output, gate and up); half of PEFT's live peak would leave "
+            f"{_gib(peft_live / 2 - load)} for all of it and the adapters.")
+    return "\n".join(lines) + "\n"
+
+
 def _row(measure: str, ours: str, theirs: str, ratio: float | None, target: str, met: bool) -> dict[str, Any]:
     return {"measure": measure, "lorakit": ours, "peft": theirs, "ratio": ratio, "target": target,
             "met": "yes" if met else "no"}
 
 
 def render(results: dict[str, Any]) -> str:
-    parts = [_header(results), _summary(results), _training(results), _roofline(results),
+    parts = [_header(results), _summary(results), _limits(results), _training(results), _roofline(results),
              _generation(results), _per_row(results), _qlora(results), _cuda(results), _notes(results)]
     return "\n".join(p for p in parts if p).rstrip() + "\n"
 

@@ -4,7 +4,7 @@ transformers' Trainer and torch.compile."""
 import torch
 
 import lorakit
-from lorakit import LoraConfig, add_adapter
+from lorakit import LoraConfig, add_adapter, fuse_gated_mlps
 from tests.models import randomize_adapters, tiny_gpt2, tiny_llama, tokens
 
 
@@ -31,6 +31,28 @@ def test_gradient_checkpointing_trains_adapters():
         loss.backward()  # raises "does not require grad" if the checkpointed blocks lose the graph
         grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # A gets 0 while B = 0
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_checkpointing_recomputes_the_same_dropout_masks():
+    # the fused path draws its masks in forward; the recompute must draw the same ones
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        add_adapter(model, LoraConfig(r=4, dropout=0.3))
+        randomize_adapters(model)
+        fuse_gated_mlps(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        torch.manual_seed(5)
+        ids = tokens()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (plain_loss, plain), (gc_loss, gc) = results
+    torch.testing.assert_close(plain_loss, gc_loss, rtol=0, atol=0)
+    for name in plain:
+        torch.testing.assert_close(plain[name], gc[name], rtol=1e-5, atol=1e-7)
 
 
 def test_transformers_trainer_lowers_loss_and_touches_only_adapters(tmp_path):
