@@ -9,15 +9,13 @@ Which adapters run is the list `active_adapters`; which are folded into the base
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.core.lora_function import lora_linear
+from lorakit.core.lora_function import lora_linear, per_input_cache
 
 if TYPE_CHECKING:
     from lorakit.core.per_row import RowAdapters
@@ -272,12 +270,6 @@ def _add_rows(result: torch.Tensor, rows: torch.Tensor | None, update: torch.Ten
     return result.index_add(0, rows, update, alpha=scale)
 
 
-# Prepared adapter inputs by id(x): q, k and v (and gate and up) read the same tensor, so they
-# share one cast copy and one dropout mask instead of each making (and backward keeping) its own.
-# An entry lives exactly as long as its input tensor (a weakref callback removes it).
-_PREPARED: dict[int, tuple[weakref.ref, dict[tuple[torch.dtype, float], torch.Tensor]]] = {}
-
-
 def adapter_input(x: torch.Tensor, dtype: torch.dtype, dropout: nn.Module) -> torch.Tensor:
     """x cast to the adapter dtype and dropped out, shared by all adapters reading this x.
 
@@ -289,22 +281,12 @@ def adapter_input(x: torch.Tensor, dtype: torch.dtype, dropout: nn.Module) -> to
         return x
     if torch.compiler.is_compiling():  # no Python-side cache inside a compiled graph
         return dropout(x.to(dtype) if cast_needed else x)
-    entry = _PREPARED.get(id(x))
-    if entry is None or entry[0]() is not x:
-        entry = (weakref.ref(x, _forget(id(x))), {})
-        _PREPARED[id(x)] = entry
-    prepared = entry[1].get((dtype, p))
+    # q, k and v (and gate and up) read the same tensor: one cast copy and one dropout mask for all
+    cache = per_input_cache(x)
+    prepared = cache.get(("prepared", dtype, p))
     if prepared is None:
-        prepared = dropout(x.to(dtype) if cast_needed else x)
-        entry[1][(dtype, p)] = prepared
+        prepared = cache[("prepared", dtype, p)] = dropout(x.to(dtype) if cast_needed else x)
     return prepared
-
-
-def _forget(key: int) -> Callable[[weakref.ref], None]:
-    def callback(_: weakref.ref) -> None:
-        _PREPARED.pop(key, None)
-
-    return callback
 
 
 LORA_LAYERS = (LoraLinear, LoraEmbedding)

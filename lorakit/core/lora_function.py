@@ -73,11 +73,6 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-# Dropout masks by id(x), so the modules reading one input share one mask. An entry lives exactly
-# as long as its input tensor (a weakref callback removes it).
-_MASKS: dict[int, tuple[weakref.ref, dict[float, torch.Tensor]]] = {}
-
-
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
     """A 0/1 uint8 keep mask for x (1 with probability 1 - p), shared by all readers of x; None for p = 0."""
     if p == 0:
@@ -85,21 +80,35 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
     if not 0 < p < 1:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
     if torch.compiler.is_compiling():  # no Python-side cache inside a compiled graph
-        return (torch.rand_like(x) >= p).view(torch.uint8)
-    entry = _MASKS.get(id(x))
+        return _draw_keep_mask(x, p)
+    cache = per_input_cache(x)
+    mask = cache.get(("mask", p))
+    if mask is None:
+        mask = cache[("mask", p)] = _draw_keep_mask(x, p)
+    return mask
+
+
+def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    # rand >= p draws the same distribution as bernoulli(1 - p) at half the cost on a CPU
+    return (torch.rand_like(x) >= p).view(torch.uint8)
+
+
+# Values derived from an input tensor, by id(x), for the modules that read the same x (q, k and v;
+# gate and up) to share. An entry lives exactly as long as its tensor (a weakref callback removes it).
+_BY_INPUT: dict[int, tuple[weakref.ref, dict[Any, torch.Tensor]]] = {}
+
+
+def per_input_cache(x: torch.Tensor) -> dict[Any, torch.Tensor]:
+    """A dict that lives as long as x does: what one reader of x computed, the others reuse."""
+    entry = _BY_INPUT.get(id(x))
     if entry is None or entry[0]() is not x:
         entry = (weakref.ref(x, _forget(id(x))), {})
-        _MASKS[id(x)] = entry
-    mask = entry[1].get(p)
-    if mask is None:
-        # rand >= p draws the same distribution as bernoulli(1 - p) at half the cost on a CPU
-        mask = (torch.rand_like(x) >= p).view(torch.uint8)
-        entry[1][p] = mask
-    return mask
+        _BY_INPUT[id(x)] = entry
+    return entry[1]
 
 
 def _forget(key: int) -> Callable[[weakref.ref], None]:
     def callback(_: weakref.ref) -> None:
-        _MASKS.pop(key, None)
+        _BY_INPUT.pop(key, None)
 
     return callback
