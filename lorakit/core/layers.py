@@ -131,9 +131,10 @@ class LoraLinear(nn.Module):
             return self.base(x)
         if self.row_adapters is not None:
             return self._forward_per_row(x, self.base(x))
-        live = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
-        if len(live) == 1 and self._fused_path_fits(x, live[0]):
-            return self._forward_fused(x, live[0])
+        fused = self.fused_adapter(x)
+        if fused is not None:
+            weight, bias, a, b, scale, p = self.fused_arguments(fused)
+            return lora_linear(x, weight, bias, a, b, scale, p)
         result = self.base(x)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
@@ -145,21 +146,29 @@ class LoraLinear(nn.Module):
             result = result + update.to(result.dtype)
         return result
 
-    def _fused_path_fits(self, x: torch.Tensor, name: str) -> bool:
-        """LoraLinearFunction handles a frozen nn.Linear with x, W, A and B in one dtype, autocast off."""
-        if self.kind != "linear" or torch.is_autocast_enabled(x.device.type):
-            return False
-        weight, bias = cast(torch.Tensor, self.base.weight), self.base.bias
-        a, b = self.a(name).weight, self.b(name).weight
-        return (not weight.requires_grad and (bias is None or not bias.requires_grad)
-                and x.dtype == weight.dtype == a.dtype == b.dtype)
+    def fused_adapter(self, x: torch.Tensor) -> str | None:
+        """The one adapter LoraLinearFunction would run on x, or None when the general path must.
 
-    def _forward_fused(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        The fused path takes a frozen nn.Linear, exactly one live adapter, and x, W, A and B in
+        one dtype with autocast off.
+        """
+        if self.disabled or self.row_adapters is not None or self.kind != "linear":
+            return None
+        live = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
+        if len(live) != 1 or torch.is_autocast_enabled(x.device.type):
+            return None
+        base = cast(nn.Linear, self.base)
+        a, b = self.a(live[0]).weight, self.b(live[0]).weight
+        frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+        return live[0] if frozen and x.dtype == base.weight.dtype == a.dtype == b.dtype else None
+
+    def fused_arguments(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor,
+                                                  float, float]:
+        """(W, bias, A, B, scale, dropout p) of adapter `name` for LoraLinearFunction; p = 0 in eval mode."""
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         base = cast(nn.Linear, self.base)
-        return lora_linear(x, base.weight, base.bias, self.a(name).weight, self.b(name).weight,
-                           self.scaling[name], p)
+        return base.weight, base.bias, self.a(name).weight, self.b(name).weight, self.scaling[name], p
 
     def _forward_per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Rows grouped by adapter: gather a group's rows, run its B A, add back at the same rows."""

@@ -30,9 +30,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
         # x: (N, in); weight: (out, in); lora_a: (r, in); lora_b: (out, r); mask: (N, in) 0/1 uint8 or None.
         # `scale` includes dropout's 1 / (1 - p), so the mask itself stays 0/1.
-        xa = _masked(x, mask) @ lora_a.T  # (N, r)
-        y = F.linear(x, weight, bias)
-        y.addmm_(xa, lora_b.T, alpha=scale)
+        y, xa = lora_forward(x, weight, bias, lora_a, lora_b, scale, mask)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa, mask)
         ctx.scale = scale
         return y
@@ -41,17 +39,35 @@ class LoraLinearFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, lora_a, lora_b, xa, mask = ctx.saved_tensors
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        grad_b = torch.mm(grad.T, xa).mul_(ctx.scale) if need_b else None
-        grad_xa = torch.mm(grad, lora_b).mul_(ctx.scale)  # (N, r)
-        grad_a = torch.mm(grad_xa.T, _masked(x, mask)) if need_a else None
-        grad_x = None
-        if need_x:
-            grad_x = torch.mm(grad, weight)
-            if mask is None:
-                grad_x.addmm_(grad_xa, lora_a)
-            else:
-                grad_x.add_(torch.mm(grad_xa, lora_a).mul_(mask))
+        grad_x, grad_a, grad_b = lora_backward(grad, x, weight, lora_a, lora_b, xa, mask, ctx.scale,
+                                               need_x, need_a, need_b)
         return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scale: float, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, x m A^T): the layer's output and the rank-r activation backward needs."""
+    xa = _masked(x, mask) @ lora_a.T  # (N, r)
+    y = F.linear(x, weight, bias)
+    y.addmm_(xa, lora_b.T, alpha=scale)
+    return y, xa
+
+
+def lora_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, xa: torch.Tensor, mask: torch.Tensor | None, scale: float, need_x: bool,
+                  need_a: bool, need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dA, dB) from dy, each None when not needed."""
+    grad_b = torch.mm(grad.T, xa).mul_(scale) if need_b else None
+    grad_xa = torch.mm(grad, lora_b).mul_(scale)  # (N, r)
+    grad_a = torch.mm(grad_xa.T, _masked(x, mask)) if need_a else None
+    grad_x = None
+    if need_x:
+        grad_x = torch.mm(grad, weight)
+        if mask is None:
+            grad_x.addmm_(grad_xa, lora_a)
+        else:
+            grad_x.add_(torch.mm(grad_xa, lora_a).mul_(mask))
+    return grad_x, grad_a, grad_b
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -80,16 +96,19 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
     if not 0 < p < 1:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
     if torch.compiler.is_compiling():  # no Python-side cache inside a compiled graph
-        return _draw_keep_mask(x, p)
+        return draw_keep_mask(x, p)
     cache = per_input_cache(x)
     mask = cache.get(("mask", p))
     if mask is None:
-        mask = cache[("mask", p)] = _draw_keep_mask(x, p)
+        mask = cache[("mask", p)] = draw_keep_mask(x, p)
     return mask
 
 
-def _draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    # rand >= p draws the same distribution as bernoulli(1 - p) at half the cost on a CPU
+def draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A fresh 0/1 uint8 keep mask shaped like x (1 with probability 1 - p).
+
+    rand >= p draws the same distribution as bernoulli(1 - p) at half the cost on a CPU.
+    """
     return (torch.rand_like(x) >= p).view(torch.uint8)
 
 

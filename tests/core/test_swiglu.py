@@ -1,9 +1,10 @@
 """The fused SwiGLU: the MLP's own values and gradients, less kept for backward."""
 
+import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter, fuse_gated_mlps
-from lorakit.core.swiglu import SwiGLUFunction, swiglu
+from lorakit.core.swiglu import SwiGLUFunction, SwiGLULoraFunction, swiglu
 from tests.models import MLP, randomize_adapters, tiny_gpt2, tiny_llama, tokens
 
 
@@ -63,3 +64,38 @@ def test_models_without_a_silu_gated_mlp_are_left_alone():
     model = tiny_llama()
     model.model.layers[0].mlp.act_fn = torch.nn.GELU()
     assert fuse_gated_mlps(model) == 1
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_swiglu_with_lora_down_equals_the_plain_formula(with_mask):
+    torch.manual_seed(0)
+    gate, up = (torch.randn(6, 10, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    weight, bias = torch.randn(4, 10, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    a = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(6, 10) > 0.3).to(torch.uint8) if with_mask else None
+    ours = SwiGLULoraFunction.apply(gate, up, weight, bias, a, b, 0.7, mask)
+    h = torch.nn.functional.silu(gate) * up
+    h_in = h if mask is None else h * mask
+    theirs = h @ weight.T + bias + 0.7 * (h_in @ a.T) @ b.T
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(ours)
+    for g, w in zip(torch.autograd.grad(ours, (gate, up, a, b), grad),
+                    torch.autograd.grad(theirs, (gate, up, a, b), grad), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda g, u, a, b: SwiGLULoraFunction.apply(g, u, weight, bias, a, b, 0.7, mask),
+                                    (gate, up, a, b))
+
+
+def test_with_lora_on_down_the_mlp_keeps_gate_and_up_but_not_downs_input():
+    model = tiny_llama()
+    add_adapter(model, LoraConfig(r=4, dropout=0.2))
+    fuse_gated_mlps(model)
+    model.train()
+    mlp = model.model.layers[0].mlp
+    out = mlp(torch.randn(2, 3, 32, requires_grad=True))
+    node = out.grad_fn
+    while type(node).__name__ != "SwiGLULoraFunctionBackward":
+        node = node.next_functions[0][0]
+    wide = [t for t in node.saved_tensors if t.shape == (6, 64)]  # (tokens, intermediate)
+    assert sorted(str(t.dtype) for t in wide) == ["torch.float32", "torch.float32", "torch.uint8"]  # gate, up, mask
