@@ -264,8 +264,9 @@ class _Shape:
         # MLP: the norm's input, the first projections' input, then per intermediate channel the
         # activation's input(s) and gate's activated output, up's output, down's input (gated)
         # or just fc2's input (plain).
-        # Fused (lorakit.fuse_gated_mlps): gate's and up's outputs and down's input.
-        per_channel = 3 if self.fused_gate else self.act_values + (3 if self.gated else 1)
+        # Fused (lorakit.fuse_gated_mlps): gate's and up's outputs only; down's input is recomputed
+        # by down's fused LoRA function (or kept by nobody when down carries no adapter).
+        per_channel = 2 if self.fused_gate else self.act_values + (3 if self.gated else 1)
         mlp = 2 * self.hidden + per_channel * self.intermediate
         # An RMSNorm whose weight trains (full fine-tuning) also keeps its output before the weight.
         return attention + mlp + (2 * self.hidden if norms_train and self.rms_norm else 0)
