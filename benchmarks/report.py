@@ -87,8 +87,10 @@ def _limits(results: dict[str, Any]) -> str:
     budget = 1.15 * ours["roofline_seconds"] - base["median_seconds"]
     lines.append(
         f"- **Roofline.** The frozen base is at {base['roofline_multiple']:.2f}x the roofline by itself. The 1.15x "
-        f"target leaves the adapters, the dropout and AdamW {budget:.2f} s (1.15 x lorakit's roofline time minus the "
-        f"base's time); they take {ours['median_seconds'] - base['median_seconds']:.2f} s. The FLOP count leaves out "
+        "target leaves the adapters, the dropout and AdamW "
+        + (f"{budget:.2f} s" if budget > 0 else "less than nothing")
+        + f" (1.15 x lorakit's roofline time minus the base's time); they take "
+        f"{ours['median_seconds'] - base['median_seconds']:.2f} s. The FLOP count leaves out "
         "the base's elementwise and attention work, which is most of its own gap.")
     live = results.get("live_peak", {})
     load = ours.get("rss_after_load")
