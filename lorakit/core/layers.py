@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.core.lora_function import lora_linear, per_input_cache
+from lorakit.core.lora_function import lora_linear, lora_update, per_input_cache
 
 if TYPE_CHECKING:
     from lorakit.core.per_row import RowAdapters
@@ -136,10 +136,17 @@ class LoraLinear(nn.Module):
             weight, bias, a, b, scale, p = self.fused_arguments(fused)
             return lora_linear(x, weight, bias, a, b, scale, p)
         result = self.base(x)
+        autocast = torch.is_autocast_enabled(x.device.type)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue
             lora_a = self.a(name)
+            if not autocast and x.dtype == lora_a.weight.dtype == result.dtype:
+                # a 4-bit or Conv1D base, or one of several adapters: LoraUpdateFunction, no copies
+                dropout = self.lora_dropout[name]
+                p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+                result = lora_update(result, x, lora_a.weight, self.b(name).weight, self.scaling[name], p)
+                continue
             x_in = adapter_input(x, lora_a.weight.dtype, self.lora_dropout[name])
             # s applied on the rank-r side: a (..., r) multiply instead of an (..., out) one
             update = self.b(name)(lora_a(x_in) * self.scaling[name])

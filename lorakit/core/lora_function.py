@@ -53,21 +53,46 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y, xa
 
 
-def lora_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+def lora_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, lora_a: torch.Tensor,
                   lora_b: torch.Tensor, xa: torch.Tensor, mask: torch.Tensor | None, scale: float, need_x: bool,
                   need_a: bool, need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dA, dB) from dy, each None when not needed."""
+    """(dx, dA, dB) from dy, each None when not needed; without `weight`, dx is the adapter's part only."""
     grad_b = torch.mm(grad.T, xa).mul_(scale) if need_b else None
     grad_xa = torch.mm(grad, lora_b).mul_(scale)  # (N, r)
     grad_a = torch.mm(grad_xa.T, _masked(x, mask)) if need_a else None
-    grad_x = None
-    if need_x:
-        grad_x = torch.mm(grad, weight)
-        if mask is None:
-            grad_x.addmm_(grad_xa, lora_a)
-        else:
-            grad_x.add_(torch.mm(grad_xa, lora_a).mul_(mask))
+    if not need_x:
+        return None, grad_a, grad_b
+    if weight is None:
+        grad_x = torch.mm(grad_xa, lora_a)
+        return (grad_x if mask is None else grad_x.mul_(mask)), grad_a, grad_b
+    grad_x = torch.mm(grad, weight)
+    if mask is None:
+        grad_x.addmm_(grad_xa, lora_a)
+    else:
+        grad_x.add_(torch.mm(grad_xa, lora_a).mul_(mask))
     return grad_x, grad_a, grad_b
+
+
+class LoraUpdateFunction(torch.autograd.Function):
+    """base_out + s' ((x m) A^T) B^T for a base computed elsewhere (a 4-bit or Conv1D base, or one
+    of several adapters): the same savings as LoraLinearFunction without the base's matmul."""
+
+    @staticmethod
+    def forward(ctx: Any, base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+        # base_out: (N, out); x: (N, in); mask: (N, in) 0/1 uint8 or None; scale includes 1 / (1 - p)
+        xa = _masked(x, mask) @ lora_a.T
+        ctx.save_for_backward(x, lora_a, lora_b, xa, mask)
+        ctx.scale = scale
+        return torch.addmm(base_out, xa, lora_b.T, alpha=scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, lora_a, lora_b, xa, mask = ctx.saved_tensors
+        need_out, need_x, need_a, need_b = ctx.needs_input_grad[:4]
+        grad_x, grad_a, grad_b = lora_backward(grad, x, None, lora_a, lora_b, xa, mask, ctx.scale,
+                                               need_x, need_a, need_b)
+        return grad if need_out else None, grad_x, grad_a, grad_b, None, None
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -87,6 +112,17 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     keep_scale = 1.0 / (1.0 - dropout)
     y = LoraLinearFunction.apply(flat, weight, bias, lora_a, lora_b, scale * keep_scale, flat_mask)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_update(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scale: float, dropout: float) -> torch.Tensor:
+    """base_out + s * B A dropout(x) for x (..., in), base_out (..., out), through LoraUpdateFunction."""
+    flat = x.reshape(-1, x.shape[-1])
+    mask = dropout_mask(x, dropout)
+    flat_mask = None if mask is None else mask.reshape(flat.shape)
+    out = LoraUpdateFunction.apply(base_out.reshape(-1, base_out.shape[-1]), flat, lora_a, lora_b,
+                                   scale / (1.0 - dropout), flat_mask)
+    return out.reshape(base_out.shape)
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:

@@ -321,11 +321,11 @@ def _adapter_bytes_per_token(model: nn.Module, compute: torch.dtype, autocast: b
             total += weight.shape[0] * size  # A's output (r values), which B keeps
             dropout = isinstance(module.lora_dropout[name], nn.Dropout)
             cast = weight.dtype != compute and not autocast
-            # The fused path (lorakit.core.lora_function: a plain linear, one dtype) keeps the input
-            # the base keeps anyway and, with dropout, a one-byte mask per value. Otherwise A keeps
-            # its input as a new tensor when it is cast (fp32 adapters on a 16-bit base) or
+            # lorakit.core.lora_function (x and the adapter in one dtype, autocast off) keeps the
+            # input the base keeps anyway and, with dropout, a one-byte mask per value. Otherwise A
+            # keeps its input as a new tensor when it is cast (fp32 adapters on a 16-bit base) or
             # dropped out (plus the mask). Either is made once per distinct input.
-            fused = module.kind == "linear" and not cast and not autocast and len(module.active_adapters) == 1
+            fused = not cast and not autocast
             copy = 0 if fused else (module.in_features * size if dropout or cast else 0)
             mask = module.in_features if dropout else 0
             if reader not in prepared and copy + mask:

@@ -5,7 +5,14 @@ import torch
 
 from lorakit import LoraConfig, add_adapter
 from lorakit.core import lora_function
-from lorakit.core.lora_function import LoraLinearFunction, dropout_mask, lora_linear
+from lorakit.core.lora_function import (
+    LoraLinearFunction,
+    LoraUpdateFunction,
+    dropout_mask,
+    lora_linear,
+    lora_update,
+)
+from lorakit.quant import quantize_model
 from tests.models import MLP, randomize_adapters, tiny_llama, tokens
 
 
@@ -150,3 +157,40 @@ def test_the_fused_layer_trains_like_the_general_one():
     torch.testing.assert_close(loss_f, loss_g, rtol=1e-6, atol=1e-6)
     for name in grads_f:
         torch.testing.assert_close(grads_f[name], grads_g[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_the_update_function_equals_the_plain_formula(p):
+    torch.manual_seed(0)
+    base_out = torch.randn(10, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    out = lora_update(base_out.reshape(2, 5, 7), x, a, b, 1.5, p)
+    mask = dropout_mask(x, p)
+    x_in = x if mask is None else x * mask / (1 - p)
+    expected = base_out.reshape(2, 5, 7) + 1.5 * (x_in @ a.T) @ b.T
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (base_out, x, a, b), grad),
+                    torch.autograd.grad(expected, (base_out, x, a, b), grad), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    fixed = None if mask is None else mask.reshape(10, 12)
+    assert torch.autograd.gradcheck(
+        lambda o, x, a, b: LoraUpdateFunction.apply(o, x, a, b, 0.7, fixed),
+        (base_out, x.detach().reshape(10, 12).requires_grad_(), a, b))
+
+
+def test_a_4bit_base_keeps_no_dropped_out_copy_either():
+    model = MLP()
+    quantize_model(model)
+    layer = add_adapter(model, LoraConfig(r=2, dropout=0.5, targets=["up"])).up
+    layer.train()
+    x = torch.randn(8, 16, requires_grad=True)
+    out = layer(x)
+    node = fused_node(out)
+    assert type(node).__name__ == "LoraUpdateFunctionBackward"
+    input_sized = [t for t in node.saved_tensors if t.shape == x.shape]
+    assert sorted(str(t.dtype) for t in input_sized) == ["torch.float32", "torch.uint8"]
+    out.sum().backward()
+    assert x.grad is not None and layer.a("default").weight.grad is not None
