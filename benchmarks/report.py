@@ -85,8 +85,10 @@ def _limits(results: dict[str, Any]) -> str:
         "masks (`torch.profiler` of one step: `aten::uniform_`; torch's CPU random generator is serial, and a "
         "second thread drawing half of each mask did not help).")
     budget = 1.15 * ours["roofline_seconds"] - base["median_seconds"]
+    slow_rate = (" (below 1x: the matmul rate was measured at a slower moment of a shared machine than the base "
+                 "ran in, so this run's roofline multiples are optimistic)" if base["roofline_multiple"] < 1 else "")
     lines.append(
-        f"- **Roofline.** The frozen base is at {base['roofline_multiple']:.2f}x the roofline by itself. The 1.15x "
+        f"- **Roofline.** The frozen base is at {base['roofline_multiple']:.2f}x the roofline by itself{slow_rate}. The 1.15x "
         "target leaves the adapters, the dropout and AdamW "
         + (f"{budget:.2f} s" if budget > 0 else "less than nothing")
         + f" (1.15 x lorakit's roofline time minus the base's time); they take "

@@ -110,7 +110,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     mask = dropout_mask(x, dropout)
     flat_mask = None if mask is None else mask.reshape(flat.shape)
     keep_scale = 1.0 / (1.0 - dropout)
-    y = LoraLinearFunction.apply(flat, weight, bias, lora_a, lora_b, scale * keep_scale, flat_mask)
+    if torch.is_grad_enabled():
+        y = LoraLinearFunction.apply(flat, weight, bias, lora_a, lora_b, scale * keep_scale, flat_mask)
+    else:  # inference: the same maths without an autograd node per layer per token
+        y, _ = lora_forward(flat, weight, bias, lora_a, lora_b, scale * keep_scale, flat_mask)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -194,3 +194,13 @@ def test_a_4bit_base_keeps_no_dropped_out_copy_either():
     assert sorted(str(t.dtype) for t in input_sized) == ["torch.float32", "torch.uint8"]
     out.sum().backward()
     assert x.grad is not None and layer.a("default").weight.grad is not None
+
+
+def test_without_autograd_the_same_values_come_out():
+    layer = add_adapter(MLP(), LoraConfig(r=2, targets=["up"])).up
+    randomize_adapters(layer)
+    x = torch.randn(3, 4, 16)
+    with torch.no_grad():
+        quick = layer(x)
+    assert quick.grad_fn is None
+    torch.testing.assert_close(quick, layer(x).detach(), rtol=0, atol=0)
