@@ -50,6 +50,13 @@ def tokens(batch: int = 2, length: int = 12, vocab: int = 128, seed: int = 1) ->
     return torch.randint(0, vocab, (batch, length), generator=generator)
 
 
+def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward + backward with labels = ids: the loss and every trainable parameter's gradient."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
 def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
     """Give every LoRA B a nonzero value, so the adapter actually changes the output."""
     generator = torch.Generator().manual_seed(seed)

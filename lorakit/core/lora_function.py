@@ -106,26 +106,29 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     Modules reading the same x (q, k and v; gate and up) share one dropout mask.
     """
-    flat = x.reshape(-1, x.shape[-1])
-    mask = dropout_mask(x, dropout)
-    flat_mask = None if mask is None else mask.reshape(flat.shape)
-    keep_scale = 1.0 / (1.0 - dropout)
+    flat, mask = _flat_with_mask(x, dropout)
+    scale = scale / (1.0 - dropout)
     if torch.is_grad_enabled():
-        y = LoraLinearFunction.apply(flat, weight, bias, lora_a, lora_b, scale * keep_scale, flat_mask)
+        y = LoraLinearFunction.apply(flat, weight, bias, lora_a, lora_b, scale, mask)
     else:  # inference: the same maths without an autograd node per layer per token
-        y, _ = lora_forward(flat, weight, bias, lora_a, lora_b, scale * keep_scale, flat_mask)
+        y, _ = lora_forward(flat, weight, bias, lora_a, lora_b, scale, mask)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def lora_update(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scale: float, dropout: float) -> torch.Tensor:
     """base_out + s * B A dropout(x) for x (..., in), base_out (..., out), through LoraUpdateFunction."""
+    flat, mask = _flat_with_mask(x, dropout)
+    out = LoraUpdateFunction.apply(base_out.reshape(-1, base_out.shape[-1]), flat, lora_a, lora_b,
+                                   scale / (1.0 - dropout), mask)
+    return out.reshape(base_out.shape)
+
+
+def _flat_with_mask(x: torch.Tensor, dropout: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x as (N, in) and its shared keep mask (None without dropout) in the same shape."""
     flat = x.reshape(-1, x.shape[-1])
     mask = dropout_mask(x, dropout)
-    flat_mask = None if mask is None else mask.reshape(flat.shape)
-    out = LoraUpdateFunction.apply(base_out.reshape(-1, base_out.shape[-1]), flat, lora_a, lora_b,
-                                   scale / (1.0 - dropout), flat_mask)
-    return out.reshape(base_out.shape)
+    return flat, None if mask is None else mask.reshape(flat.shape)
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:

@@ -13,7 +13,7 @@ from lorakit.core.lora_function import (
     lora_update,
 )
 from lorakit.quant import quantize_model
-from tests.models import MLP, randomize_adapters, tiny_llama, tokens
+from tests.models import MLP, loss_and_grads, randomize_adapters, tiny_llama, tokens
 
 
 def fused_node(out):
@@ -147,12 +147,9 @@ def test_the_fused_layer_trains_like_the_general_one():
             for module in model.modules():
                 if hasattr(module, "fused_adapter"):
                     module.fused_adapter = lambda *args: None
-        ids = tokens()
-        out = model(input_ids=ids, labels=ids)
         q_proj = model.model.layers[0].self_attn.q_proj
         assert (type(fused_node(q_proj(torch.randn(2, 32)))).__name__ == "LoraLinearFunctionBackward") == fused
-        out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        results.append(loss_and_grads(model, tokens()))
     (loss_f, grads_f), (loss_g, grads_g) = results
     torch.testing.assert_close(loss_f, loss_g, rtol=1e-6, atol=1e-6)
     for name in grads_f:

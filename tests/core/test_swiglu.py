@@ -5,7 +5,7 @@ import torch
 
 from lorakit import LoraConfig, add_adapter, fuse_gated_mlps
 from lorakit.core.swiglu import SwiGLUFunction, SwiGLULoraFunction, swiglu
-from tests.models import MLP, randomize_adapters, tiny_gpt2, tiny_llama, tokens
+from tests.models import MLP, loss_and_grads, randomize_adapters, tiny_gpt2, tiny_llama, tokens
 
 
 def test_gradcheck():
@@ -36,10 +36,7 @@ def test_a_llama_with_fused_mlps_trains_exactly_like_the_original():
         if fuse:
             assert fuse_gated_mlps(model) == 2  # one per layer
             assert fuse_gated_mlps(model) == 0  # already done
-        ids = tokens()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        results.append(loss_and_grads(model, tokens()))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
     for name in grads_a:

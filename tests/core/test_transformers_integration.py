@@ -5,7 +5,7 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig, add_adapter, fuse_gated_mlps
-from tests.models import randomize_adapters, tiny_gpt2, tiny_llama, tokens
+from tests.models import loss_and_grads, randomize_adapters, tiny_gpt2, tiny_llama, tokens
 
 
 def test_generate_runs_and_follows_the_adapter():
@@ -45,10 +45,7 @@ def test_checkpointing_recomputes_the_same_dropout_masks():
             model.gradient_checkpointing_enable()
         model.train()
         torch.manual_seed(5)
-        ids = tokens()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        results.append(loss_and_grads(model, tokens()))
     (plain_loss, plain), (gc_loss, gc) = results
     torch.testing.assert_close(plain_loss, gc_loss, rtol=0, atol=0)
     for name in plain:
