@@ -4,6 +4,9 @@ The core API works on any nn.Module and imports only torch; the model-loading, d
 training parts import transformers lazily, on first use.
 """
 
+import importlib
+from typing import Any
+
 from lorakit.core.adapters import (
     active_adapters,
     delete_adapter,
@@ -25,6 +28,18 @@ from lorakit.core.swiglu import fuse_gated_mlps
 
 __version__ = "0.1.0"
 
+# Names whose modules import transformers: loaded on first use, so `import lorakit` stays light.
+_LAZY = {
+    "load_model": "lorakit.hf",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
+
 __all__ = [
     "LoraConfig",
     "add_adapter",
@@ -37,6 +52,7 @@ __all__ = [
     "fuse_gated_mlps",
     "list_adapters",
     "load_adapter",
+    "load_model",
     "merge",
     "merge_and_unload",
     "merged_adapters",

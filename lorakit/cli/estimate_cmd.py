@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="a shipped name, a config.json or a model folder")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (does not change memory)")
-    parser.add_argument("--targets", default="all-linear", help="all-linear or comma-separated module names")
+    parser.add_argument("--targets", default="all-linear", help="all-linear, a regex, or comma-separated module names (q_proj,v_proj)")
     parser.add_argument("--quant", default=None, choices=["nf4"], help="highlight QLoRA with an NF4 base")
     parser.add_argument("--batch", type=int, default=1, help="rows per step")
     parser.add_argument("--seq", type=int, default=512, help="tokens per row")
@@ -30,8 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.hf.estimate import estimate, format_estimate
 
-    targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",")]
-    result = estimate(args.model, r=args.r, alpha=args.alpha, targets=targets, quant=args.quant,
+    result = estimate(args.model, r=args.r, alpha=args.alpha, targets=args.targets, quant=args.quant,
                       batch_size=args.batch, seq_len=args.seq, dtype=args.dtype,
                       gradient_checkpointing=args.gradient_checkpointing)
     print(format_estimate(result))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lorakit.cli.common import add_model_arguments, load_with_adapters
+from lorakit.cli.common import add_model_arguments, load_with_adapters, number_at_least
 
 EXAMPLES = """examples:
   lorakit eval --data demo/data/test.jsonl
@@ -15,11 +15,13 @@ EXAMPLES = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="JSONL file (chat, alpaca, completion or text records)")
-    parser.add_argument("--format", default="auto")
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length for exact match")
+    parser.add_argument("--format", default="auto", help="auto, chat, alpaca, completion or text")
+    parser.add_argument("--max-length", type=number_at_least(1), default=512, help="longest example in tokens")
+    parser.add_argument("--batch-size", type=number_at_least(1), default=8, help="rows per forward")
+    parser.add_argument("--limit", type=number_at_least(1), default=None,
+                        help="evaluate only the first N records (default: all)")
+    parser.add_argument("--max-new-tokens", type=number_at_least(1), default=64,
+                        help="generation length for exact match")
     parser.add_argument("--no-exact-match", action="store_true", help="only the loss (no generation)")
 
 
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.evaluate import evaluation_loss, exact_match_score
 
     records, _ = load_records(args.data, format=args.format)
-    records = records[: args.limit] if args.limit else records
+    records = records if args.limit is None else records[: args.limit]
     model, tokenizer, _ = load_with_adapters(args)
     dataset, _ = build_dataset(records, tokenizer, max_length=args.max_length)
     loss = evaluation_loss(model, dataset, args.batch_size, next(model.parameters()).device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lorakit.cli.common import add_model_arguments, load_with_adapters
+from lorakit.cli.common import add_model_arguments, load_with_adapters, number_at_least
 
 EXAMPLES = """examples:
   lorakit generate --prompt "Write a haiku about autumn"
@@ -18,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--prompt", help="the prompt; without it, chat line by line on standard input")
     parser.add_argument("--raw", action="store_true", help="continue the prompt text as is (no chat template)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+    parser.add_argument("--max-new-tokens", type=number_at_least(1), default=128, help="tokens to generate at most")
+    parser.add_argument("--temperature", type=number_at_least(0, float), default=0.0,
+                        help="sampling temperature; 0 means greedy decoding")
 
 
 def run(args: argparse.Namespace) -> int:

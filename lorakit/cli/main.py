@@ -17,6 +17,15 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written, and every option's default shown after its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        silent = action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings
+        return text if silent or "default:" in text else f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit", description="LoRA and QLoRA fine-tuning for PyTorch language models.",
@@ -26,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, summary in COMMANDS.items():
         module = importlib.import_module(f"lorakit.cli.{name}_cmd")
         sub = commands.add_parser(name, help=summary, description=f"{summary}.", epilog=module.EXAMPLES,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  formatter_class=HelpFormatter)
         # SUPPRESS: an unset sub-command flag must not overwrite `lorakit --debug COMMAND`.
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show full tracebacks on errors")

@@ -9,6 +9,7 @@ from lorakit.cli.common import add_model_arguments, load_with_adapters
 
 EXAMPLES = """examples:
   lorakit merge --adapter runs/demo/adapter --output merged/
+  lorakit merge --adapter runs/qlora/adapter --quantize nf4 --output merged/   # a QLoRA adapter, on its 4-bit base
   python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('merged/')"
 """
 
@@ -33,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     ids = tokenizer(CHECK_TEXT, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     with torch.no_grad():
         unmerged = model(input_ids=ids).logits.float()
-        merge_and_unload(model)
+        # A 4-bit base cannot take the delta in place: merge into its dequantized weights.
+        merge_and_unload(model, quantized="dequantize" if args.quantize else None)
         merged = model(input_ids=ids).logits.float()
     save_merged(model, tokenizer, output)
     print(f"merged model saved to {output} (loads with AutoModelForCausalLM.from_pretrained)")

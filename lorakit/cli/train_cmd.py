@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,9 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--eval-exact-match", "eval_exact_match", int, "exact match on up to N validation records at the end"),
     ("--save-every", "save_every", int, "checkpoint every N steps"),
     ("--keep-last", "keep_last", int, "checkpoints kept"),
-    ("--resume", "resume", bool, "continue from the newest checkpoint in --output-dir"),
+    ("--resume", "resume", bool, "continue the run in --output-dir from its newest checkpoint (same settings)"),
+    ("--overwrite", "overwrite", bool, "delete the previous run in --output-dir first (its adapter/, checkpoints, "
+                                       "metrics.jsonl, loss.png, run.json; other files stay)"),
     ("--dtype", "dtype", str, "float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
     ("--no-progress", "progress", "off", "hide the progress bar"),
@@ -59,34 +62,55 @@ FLAGS: list[tuple[str, str, Any, str]] = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lorakit.train.config import TrainConfig
+
     parser.add_argument("--config", help="YAML file with TrainConfig keys; flags given override it")
+    # Flags default to None (so that only the flags given override the YAML file); the help shows
+    # the default a run gets when neither sets the value.
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
     for flag, field, kind, text in FLAGS:
-        if kind is bool:
-            parser.add_argument(flag, dest=field, action="store_true", default=None, help=text)
-        elif kind == "off":
-            parser.add_argument(flag, dest=field, action="store_false", default=None, help=text)
+        shown = defaults.get(field, MISSING)
+        if kind in (bool, "off") or shown in (MISSING, None):
+            help_text = text
         else:
-            parser.add_argument(flag, dest=field, type=kind, default=None, help=text)
+            help_text = f"{text} (default: {shown})"
+        if kind is bool:
+            parser.add_argument(flag, dest=field, action="store_true", default=None, help=help_text)
+        elif kind == "off":
+            parser.add_argument(flag, dest=field, action="store_false", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The YAML file's keys, then every flag that was given on top."""
     values: dict[str, Any] = {}
     if args.config:
-        import yaml
-
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: expected a mapping of TrainConfig keys, got {type(loaded).__name__}")
-        values.update(loaded)
+        values.update(read_yaml(Path(args.config)))
     for _, field, _, _ in FLAGS:
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
-    if isinstance(values.get("targets"), str) and "," in values["targets"]:
-        values["targets"] = [t.strip() for t in values["targets"].split(",") if t.strip()]
     if "data" not in values:
         raise ValueError("no training data: give --data FILE.jsonl (or 'data:' in --config)")
     return values
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file of TrainConfig keys, with errors that name the file and the line."""
+    import yaml
+
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ValueError(f"{path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of TrainConfig keys, got {type(loaded).__name__}")
+    return loaded
 
 
 def run(args: argparse.Namespace) -> int:

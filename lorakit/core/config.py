@@ -10,6 +10,20 @@ from dataclasses import dataclass, field
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian", "zeros", "random")
 ALL_LINEAR = "all-linear"
+_REGEX_CHARS = set("\\^$.|?*+()[]{}")
+
+
+def parse_targets(text: str | Sequence[str]) -> str | tuple[str, ...]:
+    """Targets as a person types them on a command line or in YAML, read as LoraConfig takes them.
+
+    "all-linear" stays as is; text with regular-expression characters stays a regular expression;
+    anything else is one or more comma-separated module names, so "q_proj" means ["q_proj"].
+    """
+    if not isinstance(text, str):
+        return tuple(text)
+    if text == ALL_LINEAR or _REGEX_CHARS & set(text):
+        return text
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
                 f"supported modules: {SUPPORTED_MODULES}"
             )
         found.append((path, module))
+    if not isinstance(config.targets, str):
+        # Every name in a list must match: a typo among good names would otherwise go unnoticed.
+        unmatched = [key for key in config.targets if not any(_matches((key,), p) for p, _ in model_modules(model))]
+        if unmatched:
+            raise ValueError(f"target(s) {', '.join(map(repr, unmatched))} matched no module; "
+                             f"linear modules in this model: {', '.join(linear_module_names(model)) or 'none'}")
     if not found:
         raise ValueError(
             f"targets {_describe(config.targets)} matched no module"

@@ -94,8 +94,12 @@ def load_records(
     if format not in get_args(FormatChoice):
         raise ValueError(f"format={format!r} is not accepted; use one of {', '.join(get_args(FormatChoice))}")
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise DataFileError(path, None, "is a folder; give a JSONL file (one record per line)")
+    if not path.exists():
         raise DataFileError(path, None, "no such file")
+    if not path.is_file():
+        raise DataFileError(path, None, "is not a regular file (a device or a pipe); give a JSONL file")
 
     fmt: Format | None = None if format == "auto" else format
     records: list[Record] = []

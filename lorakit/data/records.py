@@ -33,6 +33,10 @@ FORMAT_KEYS: dict[Format, tuple[str, ...]] = {
 }
 
 
+# The roles chat templates know; anything else is most likely a typo ("usr", "asistant").
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 class RecordError(ValueError):
     """A JSON value is not a valid record of the expected format."""
 
@@ -42,7 +46,7 @@ class Message:
     """One turn of a conversation."""
 
     role: str
-    """Who speaks: usually "system", "user" or "assistant"; passed to the chat template as is."""
+    """Who speaks: one of CHAT_ROLES ("system", "user", "assistant", "tool"); passed to the chat template."""
     content: str
     """What is said."""
 
@@ -185,6 +189,8 @@ def _parse_messages(raw: Any) -> tuple[Message, ...]:
                 raise RecordError(f"messages[{i}] has no {key!r}")
             if not isinstance(item[key], str):
                 raise RecordError(f"messages[{i}].{key} must be a string, found {json_type_name(item[key])}")
+        if item["role"] not in CHAT_ROLES:
+            raise RecordError(f"messages[{i}] has role {item['role']!r}; known roles: {', '.join(CHAT_ROLES)}")
         messages.append(Message(role=item["role"], content=item["content"]))
     last = messages[-1]
     if last.role != "assistant":

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.core.adapters import active_adapters, adapter_configs, trainable_parameters
-from lorakit.core.config import ALL_LINEAR, LoraConfig
+from lorakit.core.config import ALL_LINEAR, LoraConfig, parse_targets
 from lorakit.core.inject import add_adapter
 from lorakit.core.layers import LoraEmbedding, LoraLinear, base_kind
 from lorakit.core.swiglu import is_fused
@@ -107,7 +107,7 @@ def estimate(model: str | os.PathLike[str], r: int = 16, alpha: float | None = N
         model: anything `resolve_model_config` accepts, e.g. "llama-3.1-8b".
         r: LoRA rank.
         alpha: LoRA alpha; None means 2 * r. It scales the update and changes no figure here.
-        targets: "all-linear", module-name suffixes, or suffixes in one string ("q_proj,v_proj").
+        targets: "all-linear", module-name suffixes, suffixes in one string ("q_proj,v_proj") or a regex.
         quant: None (LoRA is the selected method) or "nf4" (QLoRA).
         batch_size: rows per micro-batch.
         seq_len: tokens per row.
@@ -125,7 +125,7 @@ def estimate(model: str | os.PathLike[str], r: int = 16, alpha: float | None = N
     net = meta_model(resolve_model_config(model))
     base = sum(p.numel() for p in net.parameters())  # tied weights appear once
     quantized = _quantizable_weights(net)  # counted before adapters wrap the linears
-    lora = LoraConfig(r=r, alpha=2 * r if alpha is None else alpha, targets=_parse_targets(targets))
+    lora = LoraConfig(r=r, alpha=2 * r if alpha is None else alpha, targets=parse_targets(targets))
     add_adapter(net, lora)
     trainable, total = trainable_parameters(net)
 
@@ -395,12 +395,6 @@ def _compute_dtype(model: nn.Module) -> torch.dtype:
 
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _parse_targets(targets: str | Sequence[str]) -> str | tuple[str, ...]:
-    if isinstance(targets, str) and targets != ALL_LINEAR:
-        return tuple(part.strip() for part in targets.split(",") if part.strip())
-    return targets if isinstance(targets, str) else tuple(targets)
 
 
 def _check_settings(batch_size: object, seq_len: object, dtype: object, quant: object) -> None:

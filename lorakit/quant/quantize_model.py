@@ -91,12 +91,14 @@ def quantize_model(
     for name in targets:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        original = parent.get_submodule(child_name)
         layer = NF4Linear.from_linear(
-            parent.get_submodule(child_name),
+            original,
             compute_dtype=compute_dtype,
             block_size=block_size,
             double_quant=double_quant,
         )
+        layer.train(original.training)  # a model in eval mode stays in eval mode
         setattr(parent, child_name, layer)
     _own_remaining_parameters(model)
     return model

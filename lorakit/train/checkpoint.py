@@ -1,18 +1,20 @@
 """Checkpoints that survive kill -9: written to a temporary folder, then renamed into place.
 
+Files get the umask's normal permissions, like every folder lorakit writes.
+
 A checkpoint folder `checkpoint-<step>` holds:
 - `adapter/`: the adapter in the PEFT layout (usable on its own);
 - `trainable.safetensors`: every trainable tensor by its name in the model (what resume loads);
 - `optimizer.safetensors` + the optimizer's scalar state in `state.json`;
 - `rng.safetensors`: the torch RNG states, so dropout continues exactly;
-- `state.json`: step, data position, scheduler state, written last.
+- `state.json`: step, data position, scheduler state and the run's settings (what resume
+  checks), written last.
 Only safetensors and JSON: nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from lorakit.core.files import write_folder_atomically
 
 PREFIX = "checkpoint-"
 
@@ -34,26 +38,25 @@ class Restored:
 
 def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, data_position: dict[str, int],
-                    adapter_name: str, keep_last: int) -> Path:
+                    adapter_name: str, keep_last: int, settings: dict[str, Any] | None = None) -> Path:
     """Write checkpoint-<step> atomically and keep only the newest `keep_last` checkpoints."""
     from lorakit.core.io import save_adapter
 
-    final = output_dir / f"{PREFIX}{step}"
-    tmp = output_dir / f".tmp-{PREFIX}{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(model, tmp / "adapter", name=adapter_name)
     trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "trainable.safetensors"))
     tensors, optimizer_meta = _optimizer_to_flat(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    save_file(_rng_states(), str(tmp / "rng.safetensors"))
     state = {"step": step, "data_position": data_position, "scheduler": scheduler.state_dict(),
-             "optimizer": optimizer_meta}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if final.exists():  # a resumed run reaching the same step again
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+             "optimizer": optimizer_meta, "settings": settings}
+
+    def write(folder: Path) -> None:
+        save_adapter(model, folder / "adapter", name=adapter_name)
+        save_file(trainable, str(folder / "trainable.safetensors"))
+        save_file(tensors, str(folder / "optimizer.safetensors"))
+        save_file(_rng_states(), str(folder / "rng.safetensors"))
+        (folder / "state.json").write_text(json.dumps(state, indent=1))
+
+    # A resumed run reaching the same step again replaces that checkpoint whole.
+    final = output_dir / f"{PREFIX}{step}"
+    write_folder_atomically(final, write)
     for old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -61,8 +64,15 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer: to
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    found = [p for p in output_dir.glob(f"{PREFIX}*") if p.is_dir() and (p / "state.json").is_file()]
+    found = [p for p in output_dir.glob(f"{PREFIX}*")
+             if p.name[len(PREFIX):].isdigit() and p.is_dir() and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def read_settings(path: Path) -> dict[str, Any] | None:
+    """The settings checkpoint `path` was written with; None for checkpoints that predate the record."""
+    settings = json.loads((path / "state.json").read_text()).get("settings")
+    return settings if isinstance(settings, dict) else None
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

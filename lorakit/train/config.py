@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, get_args, get_type_hints
+
+from lorakit.core.config import LoraConfig, parse_targets
 
 QUANT_METHODS = ("nf4",)
 OPTIMIZERS = ("adamw", "paged_adamw")
@@ -81,7 +83,10 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints kept on disk."""
     resume: bool = False
-    """Continue from the newest checkpoint in `output_dir`."""
+    """Continue the run in `output_dir` from its newest checkpoint; its settings must match this run's."""
+    overwrite: bool = False
+    """Delete the previous run in `output_dir` first (adapter/, checkpoints, metrics.jsonl, loss.png,
+    run.json); other files in the folder stay. Without it (or `resume`) a used folder is refused."""
     dtype: str | None = None
     """Weight dtype; None: float32 on CPU, bfloat16 on CUDA."""
     device: str = "auto"
@@ -90,8 +95,7 @@ class TrainConfig:
     """Show the progress bar."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.targets, list):
-            object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "targets", parse_targets(self.targets))
         problems = []
         positive = ("max_length", "r", "batch_size", "grad_accum", "epochs", "keep_last", "max_new_tokens")
         for name in positive:
@@ -118,20 +122,58 @@ class TrainConfig:
             problems.append(f"format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not self.weight_decay >= 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.eval_exact_match and not (self.val_data or self.val_fraction):
+            problems.append(f"eval_exact_match={self.eval_exact_match} needs validation records: give val_data "
+                            "(--val-data) or val_fraction (--val-fraction)")
+        if self.resume and self.overwrite:
+            problems.append("resume and overwrite contradict each other: resume continues the run in output_dir, "
+                            "overwrite deletes it")
+        if not problems:  # the adapter's own settings, checked by the class that owns them
+            try:
+                self.lora_config()
+            except ValueError as err:  # "invalid LoraConfig:\n  problem\n  problem"
+                problems += [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
+        if len(problems) == 1:
+            raise ValueError(f"invalid training setting: {problems[0]}")
         if problems:
             raise ValueError("invalid training settings:\n  " + "\n  ".join(problems))
 
+    def lora_config(self) -> LoraConfig:
+        """The adapter this run trains."""
+        return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
+                          use_rslora=self.use_rslora)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping (a YAML file's keys); unknown keys are an error that lists the known ones."""
+        """Build from a mapping (a YAML file's keys); unknown keys are an error that lists the known ones.
+
+        Numbers written as text are read as numbers: PyYAML reads `2e-4` (no dot) as a string.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
+        types = get_type_hints(cls)
+        return cls(**{key: _as_number(key, value, types[key]) for key, value in values.items()})
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         if isinstance(values["targets"], tuple):
             values["targets"] = list(values["targets"])
         return values
+
+
+def _as_number(key: str, value: Any, kind: Any) -> Any:
+    """`value` as the int or float that field `key` takes, when it is text; anything else unchanged."""
+    accepted = set(get_args(kind)) or {kind}
+    numeric = [t for t in (int, float) if t in accepted]
+    if not isinstance(value, str) or not numeric or str in accepted:
+        return value
+    for number in numeric:
+        try:
+            return number(value.strip().replace("_", ""))
+        except ValueError:
+            continue
+    raise ValueError(f"{key} must be {'an integer' if numeric == [int] else 'a number'}, got {value!r}")

@@ -37,6 +37,7 @@ from lorakit.train.chunked_loss import causal_lm_loss
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import ExactMatch, evaluation_loss, exact_match_score
 from lorakit.train.metrics import MetricsLog, plot_losses
+from lorakit.train.run_folder import RunFolder, claim_run_folder, run_settings
 from lorakit.train.schedule import warmup_cosine
 
 ADAPTER_NAME = "default"
@@ -73,8 +74,27 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         TrainingDiverged: the loss became NaN/inf (the last good checkpoint stays on disk).
     """
     started = time.perf_counter()
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    lora = config.lora_config()
+    records, val_records = _records(config)  # data problems show before any slow work
+    folder = claim_run_folder(config, _say)
+    try:
+        result = _run(config, folder, lora, records, val_records, model, tokenizer, started)
+    except KeyboardInterrupt:
+        kept = list_checkpoints(folder.path)
+        _say(f"interrupted; {kept[-1]} is kept: run the same command with --resume to continue from it" if kept
+             else "interrupted before the first checkpoint (--save-every N keeps progress); a rerun starts over")
+        folder.release(failed=True)
+        raise
+    except BaseException:
+        folder.release(failed=True)
+        raise
+    folder.release()
+    return result
+
+
+def _run(config: TrainConfig, folder: RunFolder, lora: LoraConfig, records: list, val_records: list,
+         model: nn.Module | None, tokenizer: Any, started: float) -> TrainResult:
+    output_dir = folder.path
     torch.manual_seed(config.seed)
     if model is None or tokenizer is None:
         from lorakit.hf import load_model
@@ -82,13 +102,12 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     device = next(model.parameters()).device
 
-    train_set, val_set, pairs = _datasets(config, tokenizer)
+    train_set, val_set, pairs = _datasets(config, tokenizer, records, val_records)
     if config.quantize:
         from lorakit.quant import quantize_model
 
         quantize_model(model, config.quantize)
-    add_adapter(model, LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, targets=config.targets,
-                                  use_rslora=config.use_rslora))
+    add_adapter(model, lora)
     fuse_gated_mlps(model)  # same values, less kept for backward
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # type: ignore[operator]
@@ -101,12 +120,12 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
     scheduler = warmup_cosine(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
 
     step, position = 0, DataPosition()
-    checkpoints = list_checkpoints(output_dir) if config.resume else []
-    if checkpoints:
-        restored = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+    if folder.resume_from is not None:
+        restored = load_checkpoint(folder.resume_from, model, optimizer, scheduler)
         step, position = restored.step, DataPosition.from_dict(restored.data_position)
         _say(f"resumed from {restored.path} (step {step})")
-    metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=step if config.resume else None)
+    metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=step if folder.resume_from else None,
+                         say=_say)
 
     micro_batches = batches(train_set, config.batch_size, seed=config.seed, start=position,
                             epochs=None if config.max_steps else config.epochs)
@@ -115,7 +134,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not config.progress,
                dynamic_ncols=True)
-    train_loss = float("nan")
+    # A run resumed at its last step trains no more: its loss is the last one recorded.
+    train_loss = next((e["loss"] for e in reversed(metrics.events()) if e.get("kind") == "train"), float("nan"))
     val_loss: float | None = None
     while step < total_steps:
         window = [b.to(device) for b in _take(micro_batches, config.grad_accum)]
@@ -156,7 +176,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
             bar.write(f"step {step}: validation loss {val_loss:.4f}")
         if config.save_every and step % config.save_every == 0:
             save_checkpoint(output_dir, step, model, optimizer, scheduler, window[-1].position.to_dict(),
-                            ADAPTER_NAME, config.keep_last)
+                            ADAPTER_NAME, config.keep_last, settings=run_settings(config))
     bar.close()
 
     if val_set is not None and (val_loss is None or not config.eval_every or step % config.eval_every):
@@ -176,7 +196,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
                        seconds=time.perf_counter() - started)
 
 
-def _datasets(config: TrainConfig, tokenizer: Any) -> tuple[TokenizedDataset, TokenizedDataset | None, list]:
+def _records(config: TrainConfig) -> tuple[list, list]:
+    """The training and validation records, read and checked before anything slow happens."""
     data_format = cast(FormatChoice, config.format)  # checked by TrainConfig
     records, report = load_records(config.data, format=data_format, skip_bad=config.skip_bad_lines)
     if report.num_skipped:
@@ -187,6 +208,11 @@ def _datasets(config: TrainConfig, tokenizer: Any) -> tuple[TokenizedDataset, To
         records, val_records = split_validation(records, config.val_fraction, seed=config.seed)
     else:
         val_records = []
+    return records, val_records
+
+
+def _datasets(config: TrainConfig, tokenizer: Any, records: list,
+              val_records: list) -> tuple[TokenizedDataset, TokenizedDataset | None, list]:
     train_set, build = build_dataset(records, tokenizer, max_length=config.max_length,
                                      train_on_prompt=config.train_on_prompt, pack=config.pack)
     _say(build.summary())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,21 +11,39 @@ from typing import Any
 class MetricsLog:
     """Appends events to metrics.jsonl; on resume, drops events after the checkpoint's step."""
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+    def __init__(self, path: Path, resume_step: int | None = None,
+                 say: Callable[[str], None] = print) -> None:
         self.path = path
+        self._say = say
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [event for event in self.events() if event.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(event) + "\n" for event in kept))
 
     def write(self, **event: Any) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(event) + "\n")
 
     def events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        """Every event in the file. A torn last line (disk full, power cut) is dropped with a notice."""
+        lines = [(number, line) for number, line in enumerate(self.path.read_text().splitlines(), start=1)
+                 if line.strip()]
+        events = []
+        for index, (number, line) in enumerate(lines):
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = None
+            if isinstance(event, dict):
+                events.append(event)
+            elif index == len(lines) - 1:
+                self._say(f"{self.path}:{number}: dropped a torn last line ({len(line)} characters), "
+                          "left by a write that did not finish")
+            else:
+                raise ValueError(f"{self.path}:{number}: not a JSON object; this metrics file is damaged "
+                                 "(move it aside to resume without it)")
+        return events
 
 
 def plot_losses(events: list[dict[str, Any]], path: Path) -> Path:

@@ -7,16 +7,7 @@ import torch
 import yaml
 
 from lorakit.cli.main import COMMANDS, main
-from tests.train.helpers import tiny_model_and_tokenizer, write_data
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = tiny_model_and_tokenizer()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from tests.train.helpers import write_data
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,164 @@
+"""The output folder of a training run: claimed by one run, never mixed with another run's work.
+
+At the start, `claim_run_folder`:
+- refuses a path that is a file, and takes the folder's lock (a second live run is refused);
+- removes temporary folders left by interrupted writes whose writer is gone;
+- decides what happens to a previous run found there: `--resume` continues it when the settings
+  that shape the adapter, the optimizer and the data order are the same (each difference is
+  named); `--overwrite` deletes it; otherwise the folder is refused;
+- records this run's settings in `run.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorakit.core.files import remove_stale_temps
+from lorakit.train.checkpoint import list_checkpoints, read_settings
+from lorakit.train.config import TrainConfig
+from lorakit.train.run_lock import RunLock
+
+RUN_FILE = "run.json"
+# What a run writes; --overwrite deletes exactly these (other files in the folder stay).
+RUN_OUTPUTS = ("adapter", "metrics.jsonl", "loss.png", RUN_FILE)
+# Settings a checkpoint must share with the run that resumes it: they shape the adapter and the
+# optimizer state (r, targets, ...) or decide which examples come next (data, batch size, seed, ...).
+RESUME_SETTINGS = ("model", "quantize", "r", "alpha", "dropout", "targets", "use_rslora", "optimizer",
+                   "data", "val_data", "val_fraction", "format", "max_length", "pack", "train_on_prompt",
+                   "batch_size", "grad_accum", "seed")
+
+
+@dataclass
+class RunFolder:
+    """A claimed output folder; `release()` gives it back."""
+
+    path: Path
+    created: bool
+    """The folder did not exist before this run."""
+    resume_from: Path | None
+    """The checkpoint to continue from, when resuming."""
+    lock: RunLock
+
+    def release(self, failed: bool = False) -> None:
+        """Give the folder back; after a failure that left nothing of use, leave no trace of this run."""
+        if failed and not list_checkpoints(self.path) and not (self.path / "adapter").exists():
+            metrics = self.path / "metrics.jsonl"
+            if not metrics.exists() or not metrics.read_text().strip():
+                for name in (RUN_FILE, "metrics.jsonl"):
+                    (self.path / name).unlink(missing_ok=True)
+        self.lock.release()
+        if failed and self.created and not any(self.path.iterdir()):
+            self.path.rmdir()
+
+
+def run_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint records, as JSON values."""
+    values = config.to_dict()
+    return json.loads(json.dumps({key: values[key] for key in RESUME_SETTINGS}))
+
+
+def claim_run_folder(config: TrainConfig, say: Callable[[str], None]) -> RunFolder:
+    """Take `config.output_dir` for this run (see the module's docstring).
+
+    Raises:
+        ValueError: the path is a file or cannot be created; the folder holds another run and
+            neither resume nor overwrite was asked; resume with other settings.
+        RunFolderBusy: another live run holds the folder.
+    """
+    path = Path(config.output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir {path} is a file; give a folder (it is created when missing)")
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create output_dir {path}: {err.strerror or err}") from None
+    lock = RunLock(path)
+    try:
+        note = lock.acquire()
+    except BaseException:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    folder = RunFolder(path=path, created=created, resume_from=None, lock=lock)
+    try:
+        if note:
+            say(note)
+        for temp in remove_stale_temps(path):
+            say(f"removed {temp.name}, left by an interrupted write")
+        folder.resume_from = _settle_previous_run(path, config, say)
+        _write_json(path / RUN_FILE, {"settings": run_settings(config), "pid": os.getpid()})
+    except BaseException:
+        folder.release(failed=True)
+        raise
+    return folder
+
+
+def previous_run_outputs(path: Path) -> list[Path]:
+    """What an earlier run left in `path`: its adapter, checkpoints, metrics, plot and settings."""
+    found = [path / name for name in RUN_OUTPUTS if (path / name).exists()]
+    return found + sorted(path.glob("checkpoint-*"))
+
+
+def _settle_previous_run(path: Path, config: TrainConfig, say: Callable[[str], None]) -> Path | None:
+    found = previous_run_outputs(path)
+    if config.overwrite:
+        for item in found:
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        if found:
+            say(f"--overwrite: deleted the previous run in {path} ({_describe(found)})")
+        return None
+    checkpoints = list_checkpoints(path)
+    if config.resume:
+        source = checkpoints[-1] if checkpoints else path / RUN_FILE
+        recorded = read_settings(source) if checkpoints else _read_run_settings(path / RUN_FILE)
+        if recorded is None and checkpoints:
+            say(f"{source.name} records no settings (written by an older lorakit); they are not checked")
+        differences = _differences(recorded or {}, run_settings(config))
+        if differences:
+            raise ValueError(f"cannot resume the run in {path}: " + "; ".join(
+                f"{source.name} has {key}={old!r}, this run asks {key}={new!r}" for key, old, new in differences)
+                + ". Resume with the same settings, or pass --overwrite to start over")
+        if not checkpoints:
+            say(f"--resume: no checkpoint in {path}; starting fresh")
+        return checkpoints[-1] if checkpoints else None
+    if found:
+        raise ValueError(f"output folder {path} holds another run ({_describe(found)}); pass --resume to continue "
+                         "it, --overwrite to delete it and start over, or choose another --output-dir")
+    return None
+
+
+def _differences(recorded: dict[str, Any], asked: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    return [(key, recorded[key], asked[key]) for key in RESUME_SETTINGS
+            if key in recorded and recorded[key] != asked[key]]
+
+
+def _read_run_settings(file: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    settings = value.get("settings") if isinstance(value, dict) else None
+    return settings if isinstance(settings, dict) else None
+
+
+def _describe(found: list[Path]) -> str:
+    checkpoints = [p for p in found if p.name.startswith("checkpoint-")]
+    names = [p.name + ("/" if p.is_dir() else "") for p in found if p not in checkpoints]
+    if checkpoints:
+        names.append(f"{len(checkpoints)} checkpoint(s)")
+    return ", ".join(names)
+
+
+def _write_json(file: Path, value: dict[str, Any]) -> None:
+    # Atomic: a reader sees the old file or the new one, never half of one.
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, file)
+
