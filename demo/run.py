@@ -39,7 +39,7 @@ def main() -> None:
 
     config = TrainConfig(data=str(HERE / "data" / "train.jsonl"), output_dir=args.output_dir, r=16, alpha=32,
                          dropout=0.0, learning_rate=2e-3, warmup_steps=5, max_steps=args.steps, batch_size=16,
-                         max_length=96, seed=0)
+                         max_length=96, seed=0, overwrite=True)  # the demo's own folder: each run starts over
     result = train(config, model, tokenizer)
     after = exact_match_score(model, tokenizer, pairs, max_new_tokens=16)
 
