@@ -22,15 +22,16 @@ from lorakit.core.config import LoraConfig
 from lorakit.core.inject import add_adapter
 from lorakit.core.inspect_adapter import describe_adapter
 from lorakit.core.io import load_adapter, save_adapter
+from lorakit.core.layers import LoraEmbedding, LoraLayer, LoraLinear
 from lorakit.core.merge import merge, merge_and_unload, unmerge
 from lorakit.core.per_row import adapters_per_row
-from lorakit.core.swiglu import fuse_gated_mlps
 
 __version__ = "0.1.0"
 
 # Names whose modules import transformers: loaded on first use, so `import lorakit` stays light.
 _LAZY = {
     "load_model": "lorakit.hf",
+    "fuse_gated_mlps": "lorakit.hf.fused_mlp",
 }
 
 
@@ -42,6 +43,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "LoraConfig",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
     "add_adapter",
     "active_adapters",
     "adapters_per_row",

@@ -21,10 +21,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from lorakit.core.adapters import adapter_configs, list_adapters, merged_adapters
 from lorakit.core.config import LoraConfig
+from lorakit.core.contract import LoraLayer
 from lorakit.core.inject import add_adapter
-from lorakit.core.layers import LoraEmbedding, LoraLinear
+from lorakit.core.registry import adapter_configs, list_adapters, refuse_merged, unknown_adapter_error
 from lorakit.core.walk import lora_layers
 
 METHODS = ("cat", "linear", "svd")
@@ -51,19 +51,19 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
             modules_to_save, "linear" with unequal ranks or modules, or svd_rank < 1.
     """
     _check(model, weights, name, method, svd_rank)
-    layers = [layer for layer in lora_layers(model) if any(n in layer.lora_A for n in weights)]
+    layers = [layer for layer in lora_layers(model) if any(n in layer.scaling for n in weights)]
     if method == "linear":
         _check_same_shapes(layers, weights)
     built: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     error_sq = total_sq = 0.0
     for layer in layers:
-        pairs = [(weights[n] * layer.scaling[n], *_factors(layer, n)) for n in weights if n in layer.lora_A]
+        pairs = [(weights[n] * layer.scaling[n], *_factors(layer, n)) for n in weights if n in layer.scaling]
         b_cat = torch.cat([w * b for w, b, _ in pairs], dim=1)  # (out, R): the scaled, weighted Bs
         a_cat = torch.cat([a for _, _, a in pairs], dim=0)  # (R, in)
         if method == "cat":
             b_new, a_new, err = b_cat, a_cat, 0.0
         elif method == "linear":
-            total = sum(weights[n] for n in weights if n in layer.lora_A)
+            total = sum(weights[n] for n in weights if n in layer.scaling)
             b_new = sum(w * b for w, b, _ in pairs)  # type: ignore[assignment]
             a_new = sum((weights[n] / total) * _factors(layer, n)[1] for n in weights)  # type: ignore[assignment]
             err = _frobenius_sq(torch.cat([b_new, -b_cat], dim=1), torch.cat([a_new, a_cat], dim=0))
@@ -86,13 +86,10 @@ def _check(model: nn.Module, weights: Mapping[str, float], name: str, method: st
         raise ValueError("weights must name at least one adapter, e.g. {'a': 0.7, 'b': 0.3}")
     unknown = [n for n in weights if n not in known]
     if unknown:
-        raise ValueError(f"unknown adapter {', '.join(map(repr, unknown))}; adapters on this model: "
-                         f"{', '.join(known) or 'none'}")
+        raise unknown_adapter_error(model, unknown)
     if name in known:
         raise ValueError(f"adapter {name!r} already exists on this model; choose another name for the combination")
-    if merged_adapters(model):
-        raise ValueError(f"adapters {merged_adapters(model)} are merged into the base weights; call unmerge(model) "
-                         "before combining (the combination becomes the active adapter)")
+    refuse_merged(model, "before combining (the combination becomes the active adapter)")
     bad = {n: w for n, w in weights.items() if not isinstance(w, int | float) or not math.isfinite(w)}
     if bad:
         raise ValueError(f"weights must be finite numbers, got {bad}")
@@ -106,20 +103,19 @@ def _check(model: nn.Module, weights: Mapping[str, float], name: str, method: st
         raise ValueError(f"method 'linear' averages the As with the weights, which sum to 0 here: {dict(weights)}")
 
 
-def _check_same_shapes(layers: list[LoraLinear | LoraEmbedding], weights: Mapping[str, float]) -> None:
+def _check_same_shapes(layers: list[LoraLayer], weights: Mapping[str, float]) -> None:
     for layer in layers:
-        ranks = {n: int(_factors(layer, n)[1].shape[0]) if n in layer.lora_A else None for n in weights}
+        ranks = {n: layer.rank(n) if n in layer.scaling else None for n in weights}
         if len(set(ranks.values())) > 1:
             shown = ", ".join(f"{n!r}: {'not adapted' if r is None else f'r={r}'}" for n, r in ranks.items())
             raise ValueError(f"method 'linear' needs adapters of the same rank on the same modules, but at "
                              f"{layer.path!r}: {shown}; use method='cat' (exact) or 'svd'")
 
 
-def _factors(layer: LoraLinear | LoraEmbedding, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) in fp32 with delta = s * B @ A: (out, r) and (r, in); for embeddings (dim, r), (r, n)."""
-    if isinstance(layer, LoraEmbedding):
-        return layer.lora_embedding_B[name].detach().float(), layer.lora_embedding_A[name].detach().float()
-    return layer.b(name).weight.detach().float(), layer.a(name).weight.detach().float()
+def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) in fp32 with delta = s * B @ A: (out, r) and (r, in)."""
+    a, b = layer.factors(name)
+    return b.detach().float(), a.detach().float()
 
 
 def _frobenius_sq(b: torch.Tensor, a: torch.Tensor) -> float:
@@ -156,14 +152,7 @@ def _add_combined(model: nn.Module, name: str, built: dict[str, tuple[torch.Tens
     config = LoraConfig(r=common, alpha=common, targets=sorted(built), rank_pattern=pattern,
                         alpha_pattern=dict(pattern), init="zeros")
     add_adapter(model, config, name)
-    with torch.no_grad():
-        for layer in lora_layers(model):
-            if layer.path not in built:
-                continue
+    for layer in lora_layers(model):
+        if layer.path in built:
             b_new, a_new = built[layer.path]
-            if isinstance(layer, LoraEmbedding):
-                layer.lora_embedding_B[name].copy_(b_new)
-                layer.lora_embedding_A[name].copy_(a_new)
-            else:
-                layer.b(name).weight.copy_(b_new)
-                layer.a(name).weight.copy_(a_new)
+            layer.set_factors(name, a_new, b_new)

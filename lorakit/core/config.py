@@ -60,6 +60,12 @@ class LoraConfig:
     load weights into), "random" makes B random too (a non-identity adapter, for tests)."""
     modules_to_save: Sequence[str] | None = None
     """Modules (suffixes) trained in full beside the adapter, e.g. a classification head."""
+    share_dropout_mask: bool = True
+    """With dropout: whether modules reading the same input (q, k and v; gate and up) use one dropout
+    mask together (True, lorakit's behaviour so far: one draw per input instead of one per module)
+    or each draw their own (False, as PEFT and the LoRA paper do, so the modules' noise is
+    independent). Only the training noise differs: values in eval mode and adapter files are the
+    same either way, and the setting is not written to adapter_config.json."""
 
     def __post_init__(self) -> None:
         for name in ("targets", "exclude", "modules_to_save"):
@@ -84,6 +90,8 @@ class LoraConfig:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.bias not in BIAS_MODES:
             problems.append(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
+        if not isinstance(self.share_dropout_mask, bool):
+            problems.append(f"share_dropout_mask must be True or False, got {self.share_dropout_mask!r}")
         if self.init not in INIT_MODES:
             problems.append(f"init must be one of {', '.join(INIT_MODES)}, got {self.init!r}")
         problems += _pattern_problems("targets", self.targets, allow_none=False)

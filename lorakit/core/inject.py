@@ -7,13 +7,14 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lorakit.core.adapters import adapter_configs, merged_adapters, set_adapter
+from lorakit.core.adapters import set_adapter
 from lorakit.core.config import ALL_LINEAR, LoraConfig
+from lorakit.core.contract import SUPPORTED_MODULES, LoraLayer, base_kind, in_out
 from lorakit.core.full_copies import ModulesToSave
-from lorakit.core.layers import LORA_LAYERS, SUPPORTED_MODULES, base_kind, in_out, wrap
+from lorakit.core.layers import LINEAR_KINDS, wrap
+from lorakit.core.registry import adapter_configs, refuse_merged
 from lorakit.core.walk import model_modules, replace_module
 
-_LINEAR_KINDS = ("linear", "conv1d", "quantized")
 # Output heads that "all-linear" leaves alone when the model does not name its own through
 # get_output_embeddings() (classification and QA heads of transformers models).
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
@@ -31,26 +32,28 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> 
         name: the adapter's name; must be new to this model.
 
     Returns:
-        The same model object.
+        The same model object; for a model that is itself one adaptable module (a bare
+        nn.Linear), the LoRA layer that now wraps it.
 
     Raises:
         ValueError: the name is taken, a target matches nothing, or r exceeds a module's size.
         TypeError: a target names a module lorakit cannot adapt.
     """
     _check_name(model, name)
-    if merged_adapters(model):
-        raise ValueError(f"adapters {merged_adapters(model)} are merged into the base weights; "
-                         "call unmerge(model) before adding another adapter")
+    refuse_merged(model, "before adding another adapter")
     targets = find_targets(model, config)
     _check_ranks(targets, config)
     save_paths = _modules_to_save(model, config)
 
     # Everything is validated above: from here on the model changes and nothing raises.
     for path, module in targets:
-        layer = module if isinstance(module, LORA_LAYERS) else wrap(module, path)
-        if layer is not module:
+        layer = module if isinstance(module, LoraLayer) else wrap(module, path)
+        if layer is not module and path:
             replace_module(model, path, layer)
-        layer.add(name, config.rank_for(path), config.scale_for(path), config.dropout, config.init)
+        elif layer is not module:
+            model = layer  # the model is itself the one target: its layer stands in for it
+        layer.add(name, config.rank_for(path), config.scale_for(path), config.dropout, config.init,
+                  config.share_dropout_mask)
     for path in save_paths:
         holder = model.get_submodule(path)
         if not isinstance(holder, ModulesToSave):
@@ -96,7 +99,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
 def linear_module_names(model: nn.Module) -> list[str]:
     """The distinct last names of the model's adaptable linear modules (q_proj, k_proj, ...)."""
     names = [path.rsplit(".", 1)[-1] for path, m in model_modules(model)
-             if base_kind(_unwrapped(m)) in _LINEAR_KINDS]
+             if base_kind(_unwrapped(m)) in LINEAR_KINDS]
     return list(dict.fromkeys(names))
 
 
@@ -109,7 +112,7 @@ def layer_index(path: str) -> int | None:
 def _selected(config: LoraConfig, path: str, module: nn.Module, heads: list[nn.Module]) -> bool:
     if config.targets == ALL_LINEAR:
         base = _unwrapped(module)
-        chosen = base_kind(base) in _LINEAR_KINDS and not any(base is head for head in heads)
+        chosen = base_kind(base) in LINEAR_KINDS and not any(base is head for head in heads)
     else:
         chosen = _matches(config.targets, path)
     if not chosen or (config.exclude is not None and _matches(config.exclude, path)):
@@ -132,7 +135,7 @@ def _prefixes(path: str) -> list[str]:
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
-    return module.base if isinstance(module, LORA_LAYERS) else module
+    return module.base if isinstance(module, LoraLayer) else module
 
 
 def _output_heads(model: nn.Module) -> list[nn.Module]:
@@ -176,7 +179,7 @@ def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
         top = ", ".join(name for name, _ in model.named_children())
         raise ValueError(f"modules_to_save {missing} matched no module; top-level modules: {top}")
     for path in paths:
-        if isinstance(model.get_submodule(path), LORA_LAYERS):
+        if isinstance(model.get_submodule(path), LoraLayer):
             raise ValueError(f"modules_to_save names {path!r}, which already has LoRA adapters")
     return paths
 
@@ -188,6 +191,6 @@ def _mark_biases(model: nn.Module, config: LoraConfig) -> None:
                 param.requires_grad_(True)
     elif config.bias == "lora_only":
         for _, module in model_modules(model):
-            bias = getattr(module.base, "bias", None) if isinstance(module, LORA_LAYERS) else None
+            bias = getattr(module.base, "bias", None) if isinstance(module, LoraLayer) else None
             if isinstance(bias, nn.Parameter):
                 bias.requires_grad_(True)

@@ -16,12 +16,12 @@ active adapter, and x, W, A and B in one dtype with autocast off.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -101,12 +101,12 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
+                lora_b: torch.Tensor, scale: float, dropout: float, share_mask: bool = True) -> torch.Tensor:
     """base linear + s * B A dropout(x) for x (..., in) -> (..., out), through LoraLinearFunction.
 
-    Modules reading the same x (q, k and v; gate and up) share one dropout mask.
+    With `share_mask`, modules reading the same x (q, k and v; gate and up) share one dropout mask.
     """
-    flat, mask = _flat_with_mask(x, dropout)
+    flat, mask = _flat_with_mask(x, dropout, share_mask)
     scale = scale / (1.0 - dropout)
     if torch.is_grad_enabled():
         y = LoraLinearFunction.apply(flat, weight, bias, lora_a, lora_b, scale, mask)
@@ -116,18 +116,34 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def lora_update(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scale: float, dropout: float) -> torch.Tensor:
+                scale: float, dropout: float, share_mask: bool = True) -> torch.Tensor:
     """base_out + s * B A dropout(x) for x (..., in), base_out (..., out), through LoraUpdateFunction."""
-    flat, mask = _flat_with_mask(x, dropout)
+    flat, mask = _flat_with_mask(x, dropout, share_mask)
     out = LoraUpdateFunction.apply(base_out.reshape(-1, base_out.shape[-1]), flat, lora_a, lora_b,
                                    scale / (1.0 - dropout), mask)
     return out.reshape(base_out.shape)
 
 
-def _flat_with_mask(x: torch.Tensor, dropout: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x as (N, in) and its shared keep mask (None without dropout) in the same shape."""
+def adapter_input(x: torch.Tensor, dtype: torch.dtype, dropout: nn.Module, share_mask: bool = True) -> torch.Tensor:
+    """dropout(x) in the adapter's dtype, for the autograd path; x itself when no copy is needed.
+
+    A cast copy is shared by all adapters reading this x; a dropped-out one only with `share_mask`.
+    """
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    cast_needed = x.dtype != dtype and not torch.is_autocast_enabled(x.device.type)
+    if not cast_needed and p == 0:
+        return x
+    if p > 0 and not share_mask:
+        return dropout(x.to(dtype) if cast_needed else x)
+    return shared(x, ("prepared", dtype, p), lambda: dropout(x.to(dtype) if cast_needed else x))
+
+
+def _flat_with_mask(x: torch.Tensor, dropout: float, share_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x as (N, in) and its keep mask (None without dropout) in the same shape."""
     flat = x.reshape(-1, x.shape[-1])
-    mask = dropout_mask(x, dropout)
+    if dropout == 0:
+        return flat, None
+    mask = dropout_mask(x, dropout) if share_mask else draw_keep_mask(x, dropout)
     return flat, None if mask is None else mask.reshape(flat.shape)
 
 
@@ -137,13 +153,7 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
         return None
     if not 0 < p < 1:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
-    if torch.compiler.is_compiling():  # no Python-side cache inside a compiled graph
-        return draw_keep_mask(x, p)
-    cache = per_input_cache(x)
-    mask = cache.get(("mask", p))
-    if mask is None:
-        mask = cache[("mask", p)] = draw_keep_mask(x, p)
-    return mask
+    return shared(x, ("mask", p), lambda: draw_keep_mask(x, p))
 
 
 def draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -151,25 +161,30 @@ def draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
     rand >= p draws the same distribution as bernoulli(1 - p) at half the cost on a CPU.
     """
+    if not 0 < p < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
     return (torch.rand_like(x) >= p).view(torch.uint8)
 
 
-# Values derived from an input tensor, by id(x), for the modules that read the same x (q, k and v;
-# gate and up) to share. An entry lives exactly as long as its tensor (a weakref callback removes it).
-_BY_INPUT: dict[int, tuple[weakref.ref, dict[Any, torch.Tensor]]] = {}
+_SHARED = "_lorakit_shared"
 
 
-def per_input_cache(x: torch.Tensor) -> dict[Any, torch.Tensor]:
-    """A dict that lives as long as x does: what one reader of x computed, the others reuse."""
-    entry = _BY_INPUT.get(id(x))
-    if entry is None or entry[0]() is not x:
-        entry = (weakref.ref(x, _forget(id(x))), {})
-        _BY_INPUT[id(x)] = entry
-    return entry[1]
+def shared(x: torch.Tensor, key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """make(), computed once per input tensor x and key: what one reader of x made, the others reuse.
 
-
-def _forget(key: int) -> Callable[[weakref.ref], None]:
-    def callback(_: weakref.ref) -> None:
-        _BY_INPUT.pop(key, None)
-
-    return callback
+    q, k and v (gate and up) read the same x: one cast copy and, with shared masks, one dropout
+    mask serve all of them. The values live on x itself, so there is no process-wide state: they
+    last as long as x, which in a model is one forward (each forward makes new activations, and a
+    checkpointed block's recompute makes new ones, drawing the same masks from the restored RNG
+    state). Threads running forwards on different inputs share nothing. Inside a compiled graph
+    nothing is kept (no Python-side state there).
+    """
+    if torch.compiler.is_compiling():
+        return make()
+    values = x.__dict__.get(_SHARED)
+    if values is None:
+        values = x.__dict__.setdefault(_SHARED, {})
+    value = values.get(key)
+    if value is None:
+        value = values.setdefault(key, make())
+    return value

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lorakit.core.adapters import _ACTIVE, _CONFIGS, active_adapters, list_adapters
+from lorakit.core.contract import LoraLayer
 from lorakit.core.full_copies import ModulesToSave
-from lorakit.core.layers import LoraEmbedding, LoraLinear
+from lorakit.core.registry import active_adapters, forget_adapters, list_adapters, unknown_adapter_error
 from lorakit.core.walk import lora_layers, model_modules, replace_module
 
 QUANTIZED_MERGE_MODES = ("dequantize", "requantize")
@@ -25,12 +25,12 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, safe: bool = Tru
     Args:
         model: a model with adapters.
         names: adapters to merge; already merged ones are skipped, so merging twice is merging once.
-        safe: check each merged weight is finite before writing it; on failure every layer merged
-            by this call is restored and a ValueError names the adapter and the module.
+        safe: check each merged weight is finite before writing it; on failure nothing is merged
+            and a ValueError names the adapter and the module.
     """
     names = _checked_names(model, names)
     layers = lora_layers(model)
-    quantized = [layer.path for layer in layers if layer.kind == "quantized" and _to_merge(layer, names)]
+    quantized = [layer.path for layer in layers if not layer.mergeable and layer.to_merge(names)]
     if quantized:
         raise ValueError(
             f"cannot merge into the 4-bit base of {quantized[0]} (and {len(quantized) - 1} more) in place; "
@@ -40,26 +40,25 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, safe: bool = Tru
     _merge_layers(model, layers, names, safe)
 
 
-def _merge_layers(model: nn.Module, layers: list[LoraLinear | LoraEmbedding], names: list[str],
-                  safe: bool) -> None:
-    work = [(layer, name) for layer in layers for name in _to_merge(layer, names)]
-    _refuse_tied(model, [layer for layer, _ in work])
+def _merge_layers(model: nn.Module, layers: list[LoraLayer], names: list[str], safe: bool) -> None:
+    work = [layer for layer in layers if layer.to_merge(names)]
+    _refuse_tied(model, work)
     if safe:
         # Check every layer before writing any, so a refused merge leaves all weights untouched
         # (undoing by subtraction would only restore them up to rounding).
-        for layer, name in work:
-            _merged_weight(layer, name, sign=1.0, check=True)
-    for layer, name in work:
-        _add_delta(layer, name, sign=1.0)
-        layer.merged_adapters.append(name)
+        for layer in work:
+            layer.merged_weight(layer.to_merge(names), check=True)
+    for layer in work:
+        layer.merge(names, safe=False)
 
 
-def _refuse_tied(model: nn.Module, layers: list[LoraLinear | LoraEmbedding]) -> None:
+def _refuse_tied(model: nn.Module, layers: list[LoraLayer]) -> None:
     owners: dict[int, list[str]] = {}
     for path, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(path)
     for layer in layers:
-        sharing = [p for p in owners.get(id(layer.base.weight), []) if not p.startswith(layer.path + ".")]
+        prefix = layer.path + "." if layer.path else ""
+        sharing = [p for p in owners.get(id(layer.base.weight), []) if not p.startswith(prefix)]
         if sharing:
             raise ValueError(
                 f"cannot merge into {layer.path!r}: its weight is tied to {', '.join(sharing)}, so merging would "
@@ -70,9 +69,7 @@ def _refuse_tied(model: nn.Module, layers: list[LoraLinear | LoraEmbedding]) -> 
 def unmerge(model: nn.Module) -> None:
     """Subtract every merged adapter from the base weights again (no-op when none is merged)."""
     for layer in lora_layers(model):
-        for name in reversed(layer.merged_adapters):
-            _add_delta(layer, name, sign=-1.0)
-        layer.merged_adapters.clear()
+        layer.unmerge()
 
 
 def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None,
@@ -88,12 +85,15 @@ def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None,
         quantized: how to merge into 4-bit (NF4) base layers, which cannot be merged in place:
             "dequantize" returns plain linears in the compute dtype, "requantize" quantizes
             the merged weights to NF4 again (adding a second rounding error).
+
+    Returns:
+        The model; a model that was itself one LoRA layer gives way to its merged base.
     """
     if quantized is not None and quantized not in QUANTIZED_MERGE_MODES:
         raise ValueError(f"quantized must be one of {', '.join(QUANTIZED_MERGE_MODES)}, got {quantized!r}")
     names = _checked_names(model, names)
     layers = lora_layers(model)
-    pending_4bit = [layer.path for layer in layers if layer.kind == "quantized" and _to_merge(layer, names)]
+    pending_4bit = [layer.path for layer in layers if not layer.mergeable and layer.to_merge(names)]
     if pending_4bit and quantized is None:
         raise ValueError(
             f"{pending_4bit[0]!r} (and {len(pending_4bit) - 1} more) has a 4-bit (NF4) base: pass "
@@ -101,16 +101,18 @@ def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None,
             "quantize the merged weights again"
         )
     probe = _probe_logits(model) if pending_4bit else None
-    _merge_layers(model, [layer for layer in layers if layer.kind != "quantized"], names, safe=True)
+    _merge_layers(model, [layer for layer in layers if layer.mergeable], names, safe=True)
+    forget_adapters(model)
     for path, module in list(model_modules(model)):
         if isinstance(module, ModulesToSave):
-            replace_module(model, path, module.current())
-        elif isinstance(module, LoraLinear) and module.kind == "quantized":
-            replace_module(model, path, _merged_quantized(module, names, quantized))
-        elif isinstance(module, (LoraLinear, LoraEmbedding)):
-            replace_module(model, path, module.base)
-    model.__dict__.pop(_CONFIGS, None)
-    model.__dict__.pop(_ACTIVE, None)
+            plain = module.current()
+        elif isinstance(module, LoraLayer):
+            plain = module.base if module.mergeable else _merged_quantized(module, names, quantized)
+        else:
+            continue
+        if not path:
+            return plain  # the model was itself one wrapper
+        replace_module(model, path, plain)
     if probe is not None:
         ids, before = probe
         gap = (_logits(model, ids) - before).abs().max().item()
@@ -146,46 +148,21 @@ def _checked_names(model: nn.Module, names: Sequence[str] | None) -> list[str]:
     names = [names] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in list_adapters(model)]
     if unknown:
-        raise ValueError(f"unknown adapter {', '.join(map(repr, unknown))}; adapters on this model: "
-                         f"{', '.join(list_adapters(model)) or 'none'}")
+        raise unknown_adapter_error(model, unknown)
     return names
 
 
-def _to_merge(layer: LoraLinear | LoraEmbedding, names: list[str]) -> list[str]:
-    return [n for n in names if n in layer.lora_A and n not in layer.merged_adapters]
-
-
-def _merged_weight(layer: LoraLinear | LoraEmbedding, name: str, sign: float, check: bool) -> torch.Tensor:
-    """W0 +/- delta, computed in fp32 and returned in the weight's dtype."""
-    weight = layer.base.weight
-    assert isinstance(weight, torch.Tensor)
-    with torch.no_grad():
-        updated = weight.float() + sign * layer.delta_weight(name).to(weight.device)
-        if check and not torch.isfinite(updated).all():
-            raise ValueError(f"merging adapter {name!r} into {layer.path!r} gives non-finite weights "
-                             "(inf or NaN); nothing was merged")
-        return updated.to(weight.dtype)
-
-
-def _add_delta(layer: LoraLinear | LoraEmbedding, name: str, sign: float) -> None:
-    with torch.no_grad():
-        weight = layer.base.weight
-        assert isinstance(weight, torch.Tensor)
-        weight.copy_(_merged_weight(layer, name, sign, check=False))
-
-
-def _merged_quantized(layer: LoraLinear, names: list[str], quantized: str | None) -> nn.Module:
-    pending = _to_merge(layer, names)
+def _merged_quantized(layer: LoraLayer, names: list[str], quantized: str | None) -> nn.Module:
+    """A plain linear (or, to requantize, a new NF4Linear) holding the 4-bit base plus the deltas."""
+    pending = layer.to_merge(names)
     if not pending:
         return layer.base
     base = layer.base
     compute_dtype = getattr(base, "compute_dtype", None) or torch.float32
+    weight = layer.merged_weight(pending)
+    plain = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
+                      device=weight.device, dtype=compute_dtype)
     with torch.no_grad():
-        weight = base.dequantize_weight(torch.float32)  # type: ignore[operator]
-        for name in pending:
-            weight = weight + layer.delta_weight(name).to(weight.device)
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
-                          device=weight.device, dtype=compute_dtype)
         plain.weight.copy_(weight)
         if isinstance(base.bias, torch.Tensor):
             plain.bias.copy_(base.bias)

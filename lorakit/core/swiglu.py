@@ -7,6 +7,7 @@ intermediate channel per token less (180 MiB per step for SmolLM2-135M at 4 x 25
 
     out = silu(g) * u       d out / d u = silu(g)       d out / d g = u * silu'(g)
 
+lorakit.hf.fused_mlp runs transformers' gated MLPs through these functions.
 When down_proj is a LoRA layer on lorakit's fused path, SwiGLULoraFunction goes one step further:
 it runs down's LoRA linear on h = silu(gate) * up and recomputes h in backward, so down's input
 is not kept either (another 180 MiB there).
@@ -14,12 +15,10 @@ is not kept either (another 180 MiB there).
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lorakit.core.lora_function import draw_keep_mask, lora_backward, lora_forward
 
@@ -71,43 +70,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return SwiGLUFunction.apply(gate, up)
 
 
-def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate, up = self.gate_proj(x), self.up_proj(x)  # type: ignore[operator]
-    down: Any = self.down_proj
-    name = down.fused_adapter(gate) if callable(getattr(down, "fused_adapter", None)) else None  # a LoraLinear
-    if name is None:
-        return down(swiglu(gate, up))
-    weight, bias, a, b, scale, p = down.fused_arguments(name)
-    flat_gate, flat_up = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
-    mask = draw_keep_mask(flat_gate, p) if p > 0 else None  # down's input is read by down alone
-    keep_scale = 1.0 / (1.0 - p)
-    y = SwiGLULoraFunction.apply(flat_gate, flat_up, weight, bias, a, b, scale * keep_scale, mask)
-    return y.reshape(*gate.shape[:-1], weight.shape[0])
+def swiglu_lora(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
+    """down(silu(gate) * up) with one LoRA adapter on down, through SwiGLULoraFunction.
 
-
-def is_gated_silu_mlp(module: nn.Module) -> bool:
-    """A Llama-style MLP: gate_proj, up_proj, down_proj and a SiLU act_fn, forward = down(act(gate) * up)."""
-    act = getattr(module, "act_fn", None)
-    # transformers' own SiLUActivation (F.silu) is matched by name so core never imports transformers
-    silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-    return silu and all(isinstance(getattr(module, name, None), nn.Module)
-                        for name in ("gate_proj", "up_proj", "down_proj"))
-
-
-def is_fused(module: nn.Module) -> bool:
-    """True for an MLP whose forward `fuse_gated_mlps` replaced."""
-    return getattr(module.__dict__.get("forward"), "__func__", None) is _gated_forward
-
-
-def fuse_gated_mlps(model: nn.Module) -> int:
-    """Run every Llama-style SiLU-gated MLP in `model` through `swiglu`; returns how many.
-
-    Values and gradients are unchanged (the same formula); only what backward keeps shrinks.
-    The MLP's own forward is replaced on the instance, so the state dict and the class stay as they are.
+    gate, up: (..., i) -> (..., out). Down's input is read by down alone, so its dropout mask is
+    its own (never shared).
     """
-    fused = 0
-    for module in model.modules():
-        if is_gated_silu_mlp(module) and "forward" not in module.__dict__:  # not replaced already
-            module.forward = types.MethodType(_gated_forward, module)  # type: ignore[method-assign]
-            fused += 1
-    return fused
+    flat_gate, flat_up = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])  # (N, i)
+    mask = draw_keep_mask(flat_gate, dropout) if dropout > 0 else None
+    y = SwiGLULoraFunction.apply(flat_gate, flat_up, weight, bias, lora_a, lora_b, scale / (1.0 - dropout), mask)
+    return y.reshape(*gate.shape[:-1], weight.shape[0])

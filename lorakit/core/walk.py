@@ -6,17 +6,19 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from lorakit.core.contract import LoraLayer, base_kind
 from lorakit.core.full_copies import ModulesToSave
-from lorakit.core.layers import LORA_LAYERS, LoraEmbedding, LoraLinear
 
-ADAPTER_MODULES = (*LORA_LAYERS, ModulesToSave)
+AdapterModule = LoraLayer | ModulesToSave
+ADAPTER_MODULES = (LoraLayer, ModulesToSave)
 
 
 def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, module) for every module, not descending into lorakit wrappers.
 
     A wrapper stands for the module it wraps, so its path is the original module's path and
-    its inner A/B linears are never mistaken for targets.
+    its inner A/B linears are never mistaken for targets. A model that is itself a wrapper, or
+    itself one module lorakit can adapt (a bare nn.Linear), comes first with the path "".
     """
 
     def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
@@ -26,18 +28,26 @@ def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             if not isinstance(child, ADAPTER_MODULES):
                 yield from walk(child, path)
 
+    if isinstance(model, ADAPTER_MODULES):
+        return iter([("", model)])
+    if base_kind(model) is not None:
+        return iter([("", model), *walk(model, "")])
     return walk(model, "")
 
 
-def lora_layers(model: nn.Module) -> list[LoraLinear | LoraEmbedding]:
-    return [module for _, module in model_modules(model) if isinstance(module, LORA_LAYERS)]
+def lora_layers(model: nn.Module) -> list[LoraLayer]:
+    """Every LoRA layer of the model, in module order."""
+    return [module for _, module in model_modules(model) if isinstance(module, LoraLayer)]
 
 
-def adapter_modules(model: nn.Module) -> list[LoraLinear | LoraEmbedding | ModulesToSave]:
+def adapter_modules(model: nn.Module) -> list[AdapterModule]:
+    """Every lorakit wrapper of the model: LoRA layers and modules_to_save holders."""
     return [module for _, module in model_modules(model) if isinstance(module, ADAPTER_MODULES)]
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` where the module at `path` is (not for the model itself, path "")."""
+    assert path, "the model itself cannot be replaced in place"
     parent_path, _, child_name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child_name, new)

@@ -21,8 +21,8 @@ from torch import nn
 from lorakit.core.adapters import active_adapters, adapter_configs, trainable_parameters
 from lorakit.core.config import ALL_LINEAR, LoraConfig, parse_targets
 from lorakit.core.inject import add_adapter
-from lorakit.core.layers import LoraEmbedding, LoraLinear, base_kind
-from lorakit.core.swiglu import is_fused
+from lorakit.core.layers import AUTOGRAD, LoraEmbedding, LoraLinear, base_kind
+from lorakit.hf.fused_mlp import FusedGatedMLP
 from lorakit.hf.model_config import DEFAULT_MODEL, meta_model, resolve_model_config, shipped_models
 
 if TYPE_CHECKING:
@@ -291,8 +291,9 @@ def _activation_bytes(shape: _Shape, tokens: int, size: int, adapters: int, chec
 
 
 # Projections that read their block's input: an adapter input prepared for one of them (a cast
-# copy, a dropout output or mask) is shared by its siblings (lorakit.core.layers.adapter_input,
-# lorakit.core.lora_function.dropout_mask).
+# copy, a dropout output or mask) is shared by its siblings when their adapter shares dropout masks
+# (lorakit.core.lora_function.shared). Which modules read one tensor shows only in a forward, which
+# the estimate does not run, so it goes by transformers' names.
 _SIBLING_READERS = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "gate_proj", "up_proj", "w1", "w3"}
 
 
@@ -300,34 +301,33 @@ def _adapter_bytes_per_token(model: nn.Module, compute: torch.dtype, autocast: b
     """Bytes per token the active adapters keep, over the whole model.
 
     Under autocast an adapter computes in the compute dtype (no cast copy of its input), without
-    it in its own (fp32) dtype.
+    it in its own (fp32) dtype. Which computation each layer runs is LoraLinear.path_for's answer.
     """
     total = 0
     prepared: set[str] = set()
     for path, module in model.named_modules():
         if isinstance(module, LoraEmbedding):
-            total += sum(a.shape[0] * (compute.itemsize if autocast else a.element_size())
-                         for n, a in module.lora_embedding_A.items()
-                         if n in module.active_adapters and n not in module.merged_adapters)
+            total += sum(module.rank(n) * (compute.itemsize if autocast else module.factors(n)[0].element_size())
+                         for n in module.live_adapters())
         if not isinstance(module, LoraLinear):
             continue
         parent, _, leaf = path.rpartition(".")
-        reader = f"{parent}.<input>" if leaf in _SIBLING_READERS else path
-        for name in module.active_adapters:
-            if name in module.merged_adapters or name not in module.lora_A:
-                continue
-            weight = module.a(name).weight
+        # the fused and update paths keep x (which the base keeps anyway) and, with dropout, a
+        # one-byte mask per value; the autograd path keeps A's input as a new tensor when it is
+        # cast (fp32 adapters on a 16-bit base) or dropped out (plus the mask)
+        plain = module.path_for(compute, autocast) == AUTOGRAD
+        for name in module.live_adapters():
+            weight = module.factors(name)[0]
             size = compute.itemsize if autocast else weight.element_size()
             total += weight.shape[0] * size  # A's output (r values), which B keeps
             dropout = isinstance(module.lora_dropout[name], nn.Dropout)
             cast = weight.dtype != compute and not autocast
-            # lorakit.core.lora_function (x and the adapter in one dtype, autocast off) keeps the
-            # input the base keeps anyway and, with dropout, a one-byte mask per value. Otherwise A
-            # keeps its input as a new tensor when it is cast (fp32 adapters on a 16-bit base) or
-            # dropped out (plus the mask). Either is made once per distinct input.
-            fused = not cast and not autocast
-            copy = 0 if fused else (module.in_features * size if dropout or cast else 0)
+            copy = module.in_features * size if plain and (dropout or cast) else 0
             mask = module.in_features if dropout else 0
+            # shared by every adapter reading the same x, unless each draws its own mask
+            shared = module.shares_dropout_mask[name] or not dropout
+            reader = f"{parent}.<input>" if leaf in _SIBLING_READERS else path
+            reader = reader if shared else f"{path}.{name}"
             if reader not in prepared and copy + mask:
                 prepared.add(reader)
                 total += copy + mask
@@ -349,7 +349,7 @@ def _shape(model: nn.Module) -> _Shape:
         intermediate=_config_int(config, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
         gated=any(path.endswith(("gate_proj", "gate_up_proj")) for path, _ in model.named_modules()),
         act_values=4 if activation in _UNFUSED_GELUS else 1,
-        fused_gate=any(is_fused(m) for m in model.modules()),
+        fused_gate=any(isinstance(m, FusedGatedMLP) for m in model.modules()),
         rms_norm=any(type(m).__name__.endswith("RMSNorm") for m in model.modules()),
         vocab=int(config.vocab_size) if callable(get_head) and get_head() is not None else 0,
     )
@@ -375,7 +375,7 @@ def _quantizable_weights(model: nn.Module) -> int:
 
 
 def _is_quantized(module: nn.Module) -> bool:
-    return callable(getattr(module, "dequantize_weight", None)) and hasattr(module, "in_features")
+    return base_kind(module) == "quantized"
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype:

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from lorakit.core.adapters import trainable_parameters
 from lorakit.core.config import LoraConfig
 from lorakit.core.inject import add_adapter
-from lorakit.core.swiglu import fuse_gated_mlps
 from lorakit.data import (
     DataPosition,
     TokenizedDataset,
@@ -32,6 +31,7 @@ from lorakit.data import (
     steps_per_epoch,
 )
 from lorakit.data.jsonl import FormatChoice
+from lorakit.hf.fused_mlp import fuse_gated_mlps
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lorakit.train.chunked_loss import causal_lm_loss
 from lorakit.train.config import TrainConfig

@@ -1,0 +1,268 @@
+"""The LoRA layer contract: a frozen base module with named low-rank adapters beside it.
+
+`LoraLayer` is the contract every layer kind implements, and the only thing model-level code
+(set/delete/disable/merge/combine/per-row, save/load) talks to. A layer holds `base` (the original
+module, untouched) and, per adapter name, its factors A (r x in) and B (out x r) with the scale s,
+so that the adapter adds
+
+    delta W = s * B A        (out x in; transposed for a base that stores its weight in x out)
+
+Which adapters run is the list `active_adapters`; which are folded into the base weight is
+`merged_adapters` (kept in merge order); `disabled` makes the layer compute its base alone.
+Nothing here changes state behind the caller's back. A new kind (DoRA next) is one new subclass:
+`add`, `factors`, `_drop` and `forward`. The kinds, LoraLinear and LoraEmbedding, are in
+layers.py; docs/layers.md is the tour.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from lorakit.core.rows import RowAdapters, add_rows
+
+SUPPORTED_MODULES = "nn.Linear, transformers' Conv1D, nn.Embedding and lorakit's NF4Linear"
+
+
+def base_kind(module: nn.Module) -> str | None:
+    """The kind of base module a LoRA layer can wrap ("linear", "conv1d", "embedding", "quantized"), or None.
+
+    The one place that tells these kinds apart; "quantized" is any module with `in_features`,
+    `out_features` and `dequantize_weight()`, such as lorakit's NF4Linear.
+    """
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    # transformers' Conv1D (GPT-2) is matched by name so core never imports transformers.
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return "conv1d"
+    if callable(getattr(module, "dequantize_weight", None)) and hasattr(module, "in_features"):
+        return "quantized"
+    return None
+
+
+def in_out(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a linear, Conv1D, 4-bit linear or embedding (num_embeddings, dim)."""
+    kind = base_kind(module)
+    if kind == "conv1d":
+        rows, cols = module.weight.shape  # type: ignore[union-attr,misc]
+        return int(rows), int(cols)
+    if kind == "embedding":
+        return int(module.num_embeddings), int(module.embedding_dim)  # type: ignore[arg-type]
+    return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
+
+
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """Adapters train in fp32 beside half-precision or quantized bases, otherwise in the base dtype."""
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float64):
+        return weight.dtype
+    return torch.float32
+
+
+def base_device(base: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for a module holding none)."""
+    for tensor in [*base.parameters(), *base.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
+
+
+class LoraLayer(nn.Module):
+    """The contract of a LoRA layer: adapters held by name beside a frozen `base`.
+
+    Attributes:
+        base: the wrapped module, never changed except by merge/unmerge.
+        path: the module's path in its model ("" for a layer used on its own).
+        kind: the base's kind, as `base_kind` names it.
+        in_features, out_features: the sizes A and B map between (for an embedding: the
+            vocabulary and the embedding width).
+        scaling: adapter name -> s; its keys are the adapters this layer holds.
+        active_adapters: the adapters forward adds, in order.
+        merged_adapters: the adapters folded into the base weight, in merge order.
+        disabled: forward computes the base alone (inside `disable_adapters`).
+        row_adapters: inside `adapters_per_row`, which adapter each batch row runs.
+    """
+
+    weight_in_by_out = False
+    """True when the base stores its weight (in x out), so a delta is transposed before it is added."""
+    fan_in_fan_out = False
+    """PEFT's `fan_in_fan_out`: a linear base storing its weight (in x out), such as transformers' Conv1D."""
+
+    if TYPE_CHECKING:  # for code that still asks `name in layer.lora_A`; `name in layer.scaling` says it for every kind
+        lora_A: nn.ModuleDict | nn.ParameterDict
+
+    def __init__(self, base: nn.Module, path: str) -> None:
+        super().__init__()
+        self.base = base
+        self.path = path
+        self.kind = base_kind(base)
+        self.in_features, self.out_features = in_out(base)
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: RowAdapters | None = None
+        self.training = base.training  # follow the model's mode, not nn.Module's default
+
+    # --- what each kind provides -----------------------------------------------------------------
+
+    def add(self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming",
+            share_dropout_mask: bool = True) -> None:
+        """Create adapter `name` of rank r and scale s (it does not become active by itself)."""
+        raise NotImplementedError
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live (A, B) parameters of adapter `name`: A (r x in), B (out x r), delta = s * B @ A."""
+        raise NotImplementedError
+
+    def _drop(self, name: str) -> None:
+        """Free the kind's own storage of adapter `name` (its factors, its dropout)."""
+        raise NotImplementedError
+
+    def update(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(u, c) with c * u = adapter `name`'s addition to the output for input x (per-row batches)."""
+        raise NotImplementedError
+
+    # --- the same for every kind -----------------------------------------------------------------
+
+    def adapter_names(self) -> list[str]:
+        """The adapters this layer holds, in the order they were added."""
+        return list(self.scaling)
+
+    def live_adapters(self) -> list[str]:
+        """The adapters forward adds now: active, held here, and not merged into the base."""
+        return [n for n in self.active_adapters if n in self.scaling and n not in self.merged_adapters]
+
+    def set_active(self, names: Sequence[str]) -> None:
+        """Run the held adapters among `names` (in that order) and train exactly those."""
+        self.active_adapters = [n for n in names if n in self.scaling]
+        for held in self.scaling:
+            for param in self.factors(held):
+                param.requires_grad_(held in names)
+
+    def delete(self, name: str) -> None:
+        """Remove adapter `name` and free its tensors (it must not be merged)."""
+        assert name not in self.merged_adapters, "unmerge before deleting"
+        self._drop(name)
+        del self.scaling[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def start(self, name: str, r: int, alpha: float | None, dropout: float) -> None:
+        """Standalone use: freeze the base, add adapter `name` (s = alpha / r; alpha defaults to r), run and train it."""
+        self.base.requires_grad_(False)
+        self.add(name, r, (r if alpha is None else alpha) / r, dropout)
+        self.set_active([name])
+
+    def forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Inside adapters_per_row: gather each adapter's rows, compute its update, add it back at those rows."""
+        assert self.row_adapters is not None
+        # Without autograd the base output is ours to update in place, saving a copy per adapter.
+        in_place = not result.requires_grad
+        for name, rows in self.row_adapters.groups(x.shape[0], self.path):
+            if name in self.scaling:
+                update, scale = self.update(name, x if rows is None else x.index_select(0, rows))
+                result = add_rows(result, rows, update.to(result.dtype), scale, in_place)
+        return result
+
+    def original(self) -> nn.Module:
+        """The module this layer stands for: its base."""
+        return self.base
+
+    def rank(self, name: str) -> int:
+        return int(self.factors(name)[0].shape[0])
+
+    def set_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy A (r x in) and B (out x r) into adapter `name`'s parameters."""
+        live_a, live_b = self.factors(name)
+        with torch.no_grad():
+            live_a.copy_(a)
+            live_b.copy_(b)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B @ A in fp32, laid out like the base weight (out x in, or in x out)."""
+        a, b = self.factors(name)
+        delta = (b.float() @ a.float()) * self.scaling[name]
+        return delta.T if self.weight_in_by_out else delta
+
+    # --- merging ---------------------------------------------------------------------------------
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether deltas can be added to the base weight in place (not into a 4-bit weight)."""
+        return self.kind != "quantized"
+
+    def to_merge(self, names: Sequence[str]) -> list[str]:
+        """The adapters among `names` that this layer holds and has not merged yet."""
+        return [n for n in names if n in self.scaling and n not in self.merged_adapters]
+
+    def merged_weight(self, names: Sequence[str], check: bool = False) -> torch.Tensor:
+        """W0 + the deltas of `names`, in fp32; with `check`, refuse each non-finite W0 + delta."""
+        weight = self.base.dequantize_weight(torch.float32) if self.kind == "quantized" else self.base.weight  # type: ignore[operator]
+        assert isinstance(weight, torch.Tensor)
+        with torch.no_grad():
+            merged = weight.float()
+            for name in names:
+                delta = self.delta_weight(name).to(weight.device)
+                if check and not torch.isfinite(weight.float() + delta).all():
+                    raise ValueError(f"merging adapter {name!r} into {self.path!r} gives non-finite weights "
+                                     "(inf or NaN); nothing was merged")
+                merged = merged + delta
+        return merged
+
+    def merge(self, names: Sequence[str], safe: bool = True) -> None:
+        """Fold the adapters among `names` not merged yet into the base weight: W = W0 + s B A.
+
+        Merging twice is merging once. With `safe`, every delta is checked to give finite weights
+        before any is written.
+        """
+        pending = self.to_merge(names)
+        if not pending:
+            return
+        if not self.mergeable:
+            raise ValueError(f"cannot merge into the 4-bit base of {self.path!r} in place")
+        if safe:
+            self.merged_weight(pending, check=True)
+        for name in pending:  # one at a time, in order, as unmerge undoes them
+            self._add_delta(name, sign=1.0)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weight again, last merged first."""
+        for name in reversed(self.merged_adapters):
+            self._add_delta(name, sign=-1.0)
+        self.merged_adapters.clear()
+
+    def _add_delta(self, name: str, sign: float) -> None:
+        weight = self.base.weight
+        assert isinstance(weight, torch.Tensor)
+        with torch.no_grad():
+            updated = weight.float() + sign * self.delta_weight(name).to(weight.device)
+            weight.copy_(updated.to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        ranks = {name: self.rank(name) for name in self.scaling}
+        return f"in={self.in_features}, out={self.out_features}, ranks={ranks}, active={self.active_adapters}"
+
+
+def init_factors(a: torch.Tensor, b: torch.Tensor, init: str) -> None:
+    """Initialise A (r x in) and B (out x r) in place; B = 0 unless init is "random"."""
+    with torch.no_grad():
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # the reference implementation's choice
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1 / a.shape[0])
+        elif init == "random":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            return
+        elif init == "zeros":
+            a.zero_()
+        else:
+            raise ValueError(f"unknown init {init!r}")
+        b.zero_()
