@@ -81,9 +81,7 @@ def _limits(results: dict[str, Any]) -> str:
         f"{ours['median_seconds'] - base['median_seconds']:.2f} s (PEFT's {theirs['median_seconds'] - base['median_seconds']:.2f} s). "
         "The base itself is transformers' code, which lorakit runs as is: its matmuls "
         f"({base['flops']['total'] / 1e9:,.0f} GFLOP, {base['roofline_seconds']:.2f} s at this machine's measured rate) "
-        "and its attention, norms, rotary and activations. Of lorakit's share, about 0.4 s is drawing the dropout "
-        "masks (`torch.profiler` of one step: `aten::uniform_`; torch's CPU random generator is serial, and a "
-        "second thread drawing half of each mask did not help).")
+        "and its attention, norms, rotary and activations.")
     budget = 1.15 * ours["roofline_seconds"] - base["median_seconds"]
     slow_rate = (" (below 1x: the matmul rate was measured at a slower moment of a shared machine than the base "
                  "ran in, so this run's roofline multiples are optimistic)" if base["roofline_multiple"] < 1 else "")
