@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,17 +17,28 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lorakit.core.adapter_folder import (
+    Header,
+    check_adapter_files,
+    dtype_problems,
+    find_adapter_folder,
+    read_config_json,
+    read_header,
+)
 from lorakit.core.adapters import adapter_configs, list_adapters, merged_adapters
 from lorakit.core.config import LoraConfig
+from lorakit.core.files import remove_stale_temps, write_folder_atomically
 from lorakit.core.inject import add_adapter
 from lorakit.core.layers import LORA_LAYERS, LoraLinear
 from lorakit.core.peft_format import (
+    BASE_QUANTIZATION,
     CONFIG_FILE,
     PICKLE_FILE,
     PREFIX,
     WEIGHTS_FILE,
     adapter_paths,
     adapter_state,
+    base_quantization,
     check_keys,
     config_from_json,
     config_to_json,
@@ -38,6 +46,7 @@ from lorakit.core.peft_format import (
     optional_shapes,
     planned_paths,
     planned_shapes,
+    rank_problems,
 )
 from lorakit.core.walk import lora_layers
 
@@ -51,7 +60,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "de
     Only the adapter's own tensors go into the file: A and B of each adapted module, the
     trained copies of `modules_to_save`, and the biases when its config trains them.
     An existing adapter at `path` is replaced atomically: an interrupted save leaves either
-    the old adapter or the new one (or, at worst, none at `path`), never a mix.
+    the old adapter or the new one, never a mix (and temporary folders that a killed save of
+    the same folder left behind are removed first). Files and folders get the umask's usual
+    permissions. The weights file's metadata records whether the adapted layers' bases are
+    4-bit, so loading onto another kind of base warns.
 
     Args:
         model: a model holding adapter `name` (or its torch.compile'd wrapper).
@@ -73,15 +85,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "de
     config = adapter_configs(model)[name]
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in adapter_state(model, name, config.bias).items()}
     text = json.dumps(config_to_json(model, name), indent=2, sort_keys=True) + "\n"
+    metadata = {"format": "pt", BASE_QUANTIZATION: base_quantization(model, adapter_paths(model, name)[0])}
 
     def write(target: Path) -> None:
-        # Weights first, config last: a folder with a config always has matching weights.
-        save_file(tensors, str(target / WEIGHTS_FILE), metadata={"format": "pt"})
-        _fsync(target / WEIGHTS_FILE)
+        save_file(tensors, str(target / WEIGHTS_FILE), metadata=metadata)
         (target / CONFIG_FILE).write_text(text)
-        _fsync(target / CONFIG_FILE)
 
-    _write_folder(folder, write)
+    remove_stale_temps(folder.parent, folder.name)
+    # A folder holding other files too (a training checkpoint) gets ours moved in one by one,
+    # weights before config: a folder with a config always has matching weights.
+    write_folder_atomically(folder, write, replaceable=_ADAPTER_FILES, merge_order=(WEIGHTS_FILE, CONFIG_FILE))
     return folder
 
 
@@ -104,19 +117,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], name: str | Non
     Args:
         model: the base model the adapter was trained on (possibly holding other adapters), or
             its torch.compile'd wrapper.
-        path: the adapter folder.
-        name: the adapter's name. None picks "default" if free, else the folder's name (with
+        path: the adapter folder, or a training run's output folder (its `adapter/` is loaded).
+        name: the adapter's name. None picks "default" if free, else the name of the folder given (with
             "_2", "_3", ... added until free); with replace=True, None means "default".
         replace: hot swap the weights of the existing adapter `name`.
 
+    Warns (UserWarning) when the file records a base of another kind than this model's: trained
+    on a 4-bit NF4 base and loaded onto an unquantized one, or the reverse.
+
     Raises:
         FileNotFoundError: the folder or one of its two files is missing.
-        ValueError: a pickle-only folder, an invalid or unsupported config, a name already taken
-            (without replace) or unknown (with replace), or tensors that do not fit the model.
+        ValueError: a pickle-only folder, an invalid or unsupported config, tensors whose ranks
+            disagree with the config, a name already taken (without replace) or unknown (with
+            replace), or tensors that do not fit the model.
     """
     model = _unwrapped(model)
-    folder = Path(path)
-    config, raw = _read_config(folder)
+    folder = find_adapter_folder(path)
+    config, raw, header = read_adapter(folder)
     source = str(folder)
     if merged_adapters(model) and not replace:
         raise ValueError(f"adapters {merged_adapters(model)} are merged into the base weights; call unmerge(model) "
@@ -128,7 +145,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], name: str | Non
         adapted, copied = _swap_target(model, name)
         expected = {k: tuple(v.shape) for k, v in adapter_state(model, name, config.bias).items()}
     else:
-        name = _new_name(model, name, folder)
+        name = _new_name(model, name, Path(path))  # a run folder names its adapter
         try:
             adapted, copied = planned_paths(model, config)
             expected = planned_shapes(model, config)
@@ -136,7 +153,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], name: str | Non
             where = f" (trained on {trained_on!r})" if trained_on else ""
             raise ValueError(f"adapter {source}{where} does not fit this model: {err}") from None
     optional = optional_shapes(model, adapted, copied, config.bias)
-    tensors = _read_tensors(folder / WEIGHTS_FILE, expected, optional, source, trained_on)
+    check_keys(expected, optional, header.shapes, source, trained_on)
+    tensors = _read_tensors(folder / WEIGHTS_FILE)
+    mismatch = _base_mismatch(source, header.metadata.get(BASE_QUANTIZATION), base_quantization(model, adapted))
 
     # The file is checked: from here on the model changes. add_adapter still checks the name and
     # ranks, but before it changes anything, so a refusal there leaves the model untouched too.
@@ -156,7 +175,34 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], name: str | Non
         for key, tensor in live.items():
             tensor.copy_(tensors[key])
     _load_full_layers(model, tensors, optional, source)
+    if mismatch:
+        warnings.warn(mismatch, stacklevel=2)
     return name
+
+
+def read_adapter(folder: Path) -> tuple[LoraConfig, dict, Header]:
+    """The config (checked), raw config JSON and weights header of the adapter folder `folder`.
+
+    Every check that needs no model runs here: both files present (never a pickle), the config
+    valid and supported, tensor dtypes floating point, tensor ranks equal to the config's.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: any other problem, naming the file and the value.
+    """
+    check_adapter_files(folder)
+    raw = read_config_json(folder)
+    config = config_from_json(raw, str(folder / CONFIG_FILE))
+    header = read_header(folder / WEIGHTS_FILE)
+    problems = dtype_problems(header.dtypes, folder / WEIGHTS_FILE)
+    if problems:
+        raise ValueError(problems[0])
+    problems = rank_problems(config, header.shapes)
+    if problems:
+        raise ValueError(f"adapter {folder} contradicts itself: tensor ranks differ from its {CONFIG_FILE}:\n  "
+                         + "\n  ".join(problems))
+    assert isinstance(raw, dict)  # config_from_json refuses anything else
+    return config, raw, header
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -165,27 +211,16 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def _read_config(folder: Path) -> tuple[LoraConfig, dict]:
-    if not folder.is_dir():
-        hint = " (give the adapter's folder, not a file in it)" if folder.is_file() else ""
-        raise FileNotFoundError(f"no adapter folder at {folder}{hint}")
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    if not weights_path.is_file() and (folder / PICKLE_FILE).is_file():
-        raise ValueError(
-            f"{folder} holds only {PICKLE_FILE}, a pickle, which lorakit never loads (unpickling can run "
-            f"code). Convert it once, in that folder:\n  python -c \"import torch; from safetensors.torch "
-            f"import save_file; save_file(torch.load('{PICKLE_FILE}', weights_only=True), '{WEIGHTS_FILE}', "
-            "metadata={'format': 'pt'})\""
-        )
-    for needed in (config_path, weights_path):
-        if not needed.is_file():
-            raise FileNotFoundError(f"{folder} is not an adapter folder: {needed.name} is missing "
-                                    f"(an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        raw = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path} is not valid JSON: {err}") from None
-    return config_from_json(raw, str(config_path)), raw
+def _base_mismatch(source: str, recorded: str | None, actual: str) -> str | None:
+    """The warning for an adapter trained on another kind of base than this model's, if any."""
+    if recorded not in ("nf4", "none") or recorded == actual:
+        return None  # nothing (or something unknown) recorded: PEFT's files, older lorakit files
+    if recorded == "nf4":
+        return (f"adapter {source} was trained on a 4-bit NF4 base, but this model's adapted layers are not "
+                "quantized, so it will not behave as in training; quantize the base as in training "
+                "(--quantize nf4 on eval, generate and merge; lorakit.quant.quantize_model in Python)")
+    return (f"adapter {source} was trained on an unquantized base, but this model's adapted layers are 4-bit "
+            "NF4, so it will not behave as in training; load the base without --quantize nf4")
 
 
 def _swap_target(model: nn.Module, name: str) -> tuple[set[str], set[str]]:
@@ -214,19 +249,14 @@ def _new_name(model: nn.Module, name: str | None, folder: Path) -> str:
     return candidate
 
 
-def _read_tensors(file: Path, expected: dict[str, tuple[int, ...]], optional: dict[str, tuple[int, ...] | None],
-                  source: str, trained_on: str | None) -> dict[str, torch.Tensor]:
-    """The file's tensors, after checking keys and shapes from the header, then dtypes and values."""
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors (whose header read_adapter and check_keys have checked), all finite."""
     try:
         with safe_open(str(file), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-            check_keys(expected, optional, shapes, source, trained_on)
-            tensors = {key: handle.get_tensor(key) for key in shapes}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except SafetensorError as err:
         raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point():
-            raise ValueError(f"tensor {key!r} in {file} has dtype {tensor.dtype}; adapter tensors must be floating point")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"tensor {key!r} in {file} holds inf or NaN values; the adapter is corrupt")
     return tensors
@@ -252,48 +282,3 @@ def _load_full_layers(model: nn.Module, tensors: dict[str, torch.Tensor],
                       "it is loaded into the base model, as PEFT does", stacklevel=3)
         with torch.no_grad():
             weight.copy_(tensor)
-
-
-def _write_folder(folder: Path, write: Callable[[Path], None]) -> None:
-    """Run `write` into a fresh temporary folder beside `folder`, then move the result into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_folder(folder, "tmp")
-    try:
-        write(tmp)
-        if not folder.exists():
-            os.rename(tmp, folder)
-        elif {entry.name for entry in folder.iterdir()} <= _ADAPTER_FILES:
-            # Renaming over a non-empty folder is not possible: move the old one aside first.
-            old = _fresh_folder(folder, "old")
-            os.rename(folder, old / folder.name)
-            os.rename(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            # The folder holds other files too (e.g. a training checkpoint): replace ours one by one,
-            # each with an atomic rename, weights before config.
-            for file in (WEIGHTS_FILE, CONFIG_FILE):
-                os.replace(tmp / file, folder / file)
-        _fsync(folder.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fresh_folder(folder: Path, kind: str) -> Path:
-    # Not tempfile.mkdtemp: its folders are private (0700), and this one becomes the adapter.
-    fresh = folder.parent / f".{folder.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-    fresh.mkdir()
-    return fresh
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk, so a rename never points at unwritten data."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # folders cannot be fsync'ed on some systems; the rename is still atomic
-    finally:
-        os.close(fd)

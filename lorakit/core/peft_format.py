@@ -26,9 +26,17 @@ from lorakit.core.layers import LORA_LAYERS, LoraEmbedding, LoraLinear, base_kin
 from lorakit.core.walk import lora_layers, model_modules
 
 PREFIX = "base_model.model."
+_A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
+_B_SUFFIXES = (".lora_B.weight", ".lora_embedding_B")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
+
+BASE_QUANTIZATION = "lorakit.base_quantization"
+"""Key in the weights file's safetensors metadata recording the base the adapter was trained on:
+"nf4" (its adapted layers' bases were 4-bit NF4) or "none". Not in adapter_config.json: PEFT
+refuses unknown config keys (before 0.13) or warns that the reader should upgrade PEFT (since),
+while every reader (PEFT, vLLM, TGI, llama.cpp's converter) ignores safetensors metadata."""
 
 # PEFT LoRA options that change the maths; lorakit refuses a file using them rather than
 # silently computing something else.
@@ -122,6 +130,34 @@ def optional_shapes(model: nn.Module, adapted: set[str], copied: set[str],
         for path in copied:
             shapes[f"{PREFIX}{path}.modules_to_save.bias"] = shapes[f"{PREFIX}{path}.original_module.bias"] = None
     return shapes
+
+
+def base_quantization(model: nn.Module, paths: Iterable[str]) -> str:
+    """"nf4" when a module at one of `paths` (or the base inside its LoRA layer) is 4-bit, else "none"."""
+    for path in paths:
+        module = model.get_submodule(path)
+        if base_kind(module.base if isinstance(module, LORA_LAYERS) else module) == "quantized":
+            return "nf4"
+    return "none"
+
+
+def rank_problems(config: LoraConfig, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Where the file's LoRA tensors disagree with its config's rank (r, or rank_pattern's entry).
+
+    A is (r x in) and B is (out x r), for linear and embedding layers alike. One message per kind
+    of disagreement, e.g. "8 modules hold rank-2 tensors where the config gives r=8: ...".
+    """
+    ranks: dict[str, set[int]] = {}
+    for key, shape in shapes.items():
+        for suffix, axis in (*((s, 0) for s in _A_SUFFIXES), *((s, 1) for s in _B_SUFFIXES)):
+            if key.startswith(PREFIX) and key.endswith(suffix) and len(shape) == 2:
+                ranks.setdefault(key[len(PREFIX):-len(suffix)], set()).add(shape[axis])
+    wrong: dict[tuple[str, int], list[str]] = {}
+    for path, found in sorted(ranks.items()):
+        if found != {config.rank_for(path)}:
+            wrong.setdefault((" and ".join(map(str, sorted(found))), config.rank_for(path)), []).append(path)
+    return [f"{len(paths)} module(s) hold rank-{got} tensors where the config gives r={want}: {_few(paths)}"
+            for (got, want), paths in wrong.items()]
 
 
 def bias_tensors(model: nn.Module, bias: str, adapted: set[str], copied: set[str]) -> dict[str, torch.Tensor]:

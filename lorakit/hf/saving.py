@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
+
+from lorakit.core.files import remove_stale_temps, write_folder_atomically
 
 
 def drop_gguf_marks(model: Any) -> None:
@@ -20,11 +20,20 @@ def drop_gguf_marks(model: Any) -> None:
 
 
 def save_merged(model: Any, tokenizer: Any, output: Path) -> None:
-    """save_pretrained of model and tokenizer into a new folder, atomically."""
+    """save_pretrained of model and tokenizer into a new folder, atomically.
+
+    Written into a temporary folder beside `output` and renamed, so an interrupted save leaves
+    no half model behind (and the next save removes what a killed one left). Files and folders
+    get the umask's usual permissions, readable by a server running as another user.
+
+    Raises:
+        FileExistsError: `output` exists and is not empty.
+    """
     drop_gguf_marks(model)
-    # Written beside the target and renamed, so an interrupted save leaves no half model behind.
-    partial = output.with_name(f".partial-{output.name}-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    os.replace(partial, output)
+
+    def write(target: Path) -> None:
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+
+    remove_stale_temps(output.parent, output.name)
+    write_folder_atomically(output, write, replaceable=())

@@ -71,7 +71,8 @@ def test_file_layout_matches_peft(tmp_path):
     add_adapter(model, LoraConfig(r=4, alpha=16, targets=["q_proj", "v_proj"], dropout=0.1), name="mine")
     save_adapter(model, tmp_path, name="mine")
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as handle:
-        assert handle.metadata() == {"format": "pt"}
+        # "format" as PEFT writes it; the base's kind where every reader ignores it (see peft_format)
+        assert handle.metadata() == {"format": "pt", "lorakit.base_quantization": "none"}
         keys = set(handle.keys())
     q = "base_model.model.model.layers.0.self_attn.q_proj"
     assert f"{q}.lora_A.weight" in keys and f"{q}.lora_B.weight" in keys

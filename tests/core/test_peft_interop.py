@@ -98,3 +98,26 @@ def test_peft_loads_a_combined_adapter(tmp_path):
         warnings.simplefilter("ignore")
         peft_model = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     assert_same(logits(peft_model, ids), logits(model, ids))
+
+
+def test_peft_loads_an_adapter_recording_its_nf4_base_without_complaint(tmp_path):
+    from safetensors import safe_open
+
+    from lorakit.quant import quantize_model
+
+    model = quantize_model(tiny_llama(), "nf4")
+    add_adapter(model, LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    randomize(model)
+    save_adapter(model, tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as handle:
+        assert handle.metadata()["lorakit.base_quantization"] == "nf4"  # the record PEFT must tolerate
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert not [w for w in caught if "nexpected" in str(w.message)]  # PEFT's warning for unknown config keys
+    ours = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ours warns: trained on NF4, loaded unquantized
+        load_adapter(ours, tmp_path)
+    ids = tokens()
+    assert_same(logits(peft_model, ids), logits(ours, ids))
