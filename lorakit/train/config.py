@@ -46,6 +46,8 @@ class TrainConfig:
     """Modules to adapt: "all-linear", a regex, or a list of name suffixes."""
     use_rslora: bool = False
     """Scale by alpha / sqrt(r)."""
+    share_dropout_mask: bool = True
+    """With dropout: modules reading one input (q, k, v; gate, up) share one mask (LoraConfig's field)."""
     quantize: str | None = None
     """Store the frozen base in 4-bit: "nf4" (QLoRA), or None."""
     learning_rate: float = 2e-4
@@ -127,6 +129,8 @@ class TrainConfig:
         if self.eval_exact_match and not (self.val_data or self.val_fraction):
             problems.append(f"eval_exact_match={self.eval_exact_match} needs validation records: give val_data "
                             "(--val-data) or val_fraction (--val-fraction)")
+        if not isinstance(self.output_dir, str) or not self.output_dir.strip():
+            problems.append(f"output_dir must name a folder, got {self.output_dir!r}")
         if self.resume and self.overwrite:
             problems.append("resume and overwrite contradict each other: resume continues the run in output_dir, "
                             "overwrite deletes it")
@@ -143,7 +147,7 @@ class TrainConfig:
     def lora_config(self) -> LoraConfig:
         """The adapter this run trains."""
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
-                          use_rslora=self.use_rslora)
+                          use_rslora=self.use_rslora, share_dropout_mask=self.share_dropout_mask)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -29,7 +29,8 @@ RUN_FILE = "run.json"
 RUN_OUTPUTS = ("adapter", "metrics.jsonl", "loss.png", RUN_FILE)
 # Settings a checkpoint must share with the run that resumes it: they shape the adapter and the
 # optimizer state (r, targets, ...) or decide which examples come next (data, batch size, seed, ...).
-RESUME_SETTINGS = ("model", "quantize", "r", "alpha", "dropout", "targets", "use_rslora", "optimizer",
+RESUME_SETTINGS = ("model", "quantize", "r", "alpha", "dropout", "targets", "use_rslora", "share_dropout_mask",
+                   "optimizer",
                    "data", "val_data", "val_fraction", "format", "max_length", "pack", "train_on_prompt",
                    "batch_size", "grad_accum", "seed")
 

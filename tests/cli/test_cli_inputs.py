@@ -1,8 +1,10 @@
 """The command line as a hostile user tries it: each bad input is one clear line, each odd one does what it says."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,19 @@ def test_a_qlora_adapter_runs_on_its_4bit_base(model_dir, tmp_path, capsys):
     difference = float(capsys.readouterr().out.split("merged vs unmerged: ")[1].split()[0])
     assert difference < 1e-3
     assert (merged / "config.json").is_file()
+
+
+def test_sigterm_ends_a_run_like_ctrl_c(model_dir, tmp_path):
+    data, out = write_data(tmp_path), tmp_path / "out"
+    args = train_args(model_dir, data, out, "--save-every", "1")
+    args[args.index("--max-steps") + 1] = "100000"
+    process = subprocess.Popen([sys.executable, "-m", "lorakit.cli.main", *args], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint-2").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    assert "run the same command with --resume" in output
+    assert not (out / ".lock").exists()

@@ -168,6 +168,22 @@ def test_a_released_lock_leaves_no_file_and_can_be_taken_again(tmp_path):
         assert not (tmp_path / ".lock").exists()
 
 
+def test_run_files_get_the_umask_permissions_and_no_temporary_folder_stays(tmp_path):
+    old = os.umask(0o022)
+    try:
+        run(tmp_path)
+    finally:
+        os.umask(old)
+    folder = tmp_path / "run"
+    checkpoint = list_checkpoints(folder)[-1]
+    for path in [checkpoint / "trainable.safetensors", checkpoint / "optimizer.safetensors",
+                 checkpoint / "adapter" / "adapter_model.safetensors", folder / "adapter" / "adapter_model.safetensors",
+                 folder / "run.json", folder / "metrics.jsonl"]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert checkpoint.stat().st_mode & 0o777 == 0o755
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+
+
 def test_resuming_a_finished_run_reports_its_last_loss(tmp_path):
     first = run(tmp_path, max_steps=4, save_every=4)
     again = run(tmp_path, max_steps=4, save_every=4, resume=True)
