@@ -26,6 +26,17 @@ def parse_targets(text: str | Sequence[str]) -> str | tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def path_matches(pattern: str | Sequence[str], path: str) -> bool:
+    """Whether a module path matches `targets`-style selection (the one home of this rule).
+
+    A string is a regular expression over the full path; a list holds module-name suffixes,
+    matched at a dot: "lm_head" matches "lm_head" and "model.lm_head", not "xlm_head".
+    """
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, path) is not None
+    return any(path == key or path.endswith("." + key) for key in pattern)
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """Settings of one LoRA adapter: h = W0 x + s * B A x with s = alpha / r.

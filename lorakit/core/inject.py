@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from torch import nn
 
 from lorakit.core.adapters import set_adapter
-from lorakit.core.config import ALL_LINEAR, LoraConfig
+from lorakit.core.config import ALL_LINEAR, LoraConfig, path_matches
 from lorakit.core.contract import SUPPORTED_MODULES, LoraLayer, base_kind, in_out
 from lorakit.core.full_copies import ModulesToSave
 from lorakit.core.layers import LINEAR_KINDS, wrap
 from lorakit.core.registry import adapter_configs, refuse_merged
-from lorakit.core.walk import model_modules, replace_module
+from lorakit.core.walk import model_modules, output_head, replace_module
 
 # Output heads that "all-linear" leaves alone when the model does not name its own through
 # get_output_embeddings() (classification and QA heads of transformers models).
@@ -83,7 +83,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
         found.append((path, module))
     if not isinstance(config.targets, str):
         # Every name in a list must match: a typo among good names would otherwise go unnoticed.
-        unmatched = [key for key in config.targets if not any(_matches((key,), p) for p, _ in model_modules(model))]
+        unmatched = [key for key in config.targets if not any(path_matches((key,), p) for p, _ in model_modules(model))]
         if unmatched:
             raise ValueError(f"target(s) {', '.join(map(repr, unmatched))} matched no module; "
                              f"linear modules in this model: {', '.join(linear_module_names(model)) or 'none'}")
@@ -114,19 +114,12 @@ def _selected(config: LoraConfig, path: str, module: nn.Module, heads: list[nn.M
         base = _unwrapped(module)
         chosen = base_kind(base) in LINEAR_KINDS and not any(base is head for head in heads)
     else:
-        chosen = _matches(config.targets, path)
-    if not chosen or (config.exclude is not None and _matches(config.exclude, path)):
+        chosen = path_matches(config.targets, path)
+    if not chosen or (config.exclude is not None and path_matches(config.exclude, path)):
         return False
-    if config.modules_to_save and any(_matches(config.modules_to_save, p) for p in _prefixes(path)):
+    if config.modules_to_save and any(path_matches(config.modules_to_save, p) for p in _prefixes(path)):
         return False  # a module trained in full is never also adapted (nor anything inside it)
     return config.layers is None or layer_index(path) in config.layers
-
-
-def _matches(pattern: str | Sequence[str], path: str) -> bool:
-    """A string is a regular expression over the full path; a list holds name suffixes."""
-    if isinstance(pattern, str):
-        return re.fullmatch(pattern, path) is not None
-    return any(path == key or path.endswith("." + key) for key in pattern)
 
 
 def _prefixes(path: str) -> list[str]:
@@ -139,8 +132,7 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 
 
 def _output_heads(model: nn.Module) -> list[nn.Module]:
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = output_head(model)
     heads = [_unwrapped(m) for p, m in model_modules(model) if p.rsplit(".", 1)[-1] in _HEAD_NAMES]
     return heads + ([_unwrapped(head)] if head is not None else [])
 
@@ -173,8 +165,8 @@ def _check_ranks(targets: list[tuple[str, nn.Module]], config: LoraConfig) -> No
 def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     if not config.modules_to_save:
         return []
-    paths = [p for p, _ in model_modules(model) if _matches(config.modules_to_save, p)]
-    missing = [key for key in config.modules_to_save if not any(_matches((key,), p) for p in paths)]
+    paths = [p for p, _ in model_modules(model) if path_matches(config.modules_to_save, p)]
+    missing = [key for key in config.modules_to_save if not any(path_matches((key,), p) for p in paths)]
     if missing:
         top = ", ".join(name for name, _ in model.named_children())
         raise ValueError(f"modules_to_save {missing} matched no module; top-level modules: {top}")

@@ -45,6 +45,21 @@ def adapter_modules(model: nn.Module) -> list[AdapterModule]:
     return [module for _, module in model_modules(model) if isinstance(module, ADAPTER_MODULES)]
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output projection as transformers names it (`get_output_embeddings`), else None.
+
+    The one home of this rule: "all-linear" targets, quantize_model and the estimate skip it.
+    """
+    getter = getattr(model, "get_output_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        head = getter()
+    except (NotImplementedError, AttributeError):
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     """Put `new` where the module at `path` is (not for the model itself, path "")."""
     assert path, "the model itself cannot be replaced in place"

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lorakit.core.adapters import active_adapters, adapter_configs, trainable_parameters
+from lorakit.core.adapters import active_adapters, adapter_configs, format_trainable, trainable_parameters
 from lorakit.core.config import ALL_LINEAR, LoraConfig, parse_targets
 from lorakit.core.inject import add_adapter
 from lorakit.core.layers import AUTOGRAD, LoraEmbedding, LoraLinear, base_kind
 from lorakit.hf.fused_mlp import FusedGatedMLP
 from lorakit.hf.model_config import DEFAULT_MODEL, meta_model, resolve_model_config, shipped_models
+from lorakit.quant.quantize_model import quantizable_linears
 
 if TYPE_CHECKING:
     pass
@@ -214,10 +215,9 @@ def estimate_for_model(model: nn.Module, batch_size: int, seq_len: int, gradient
 
 def format_estimate(est: Estimate) -> str:
     """The report `lorakit estimate` prints: parameter counts and a memory table in GB (10^9 bytes)."""
-    share = 100 * est.trainable_params / est.all_params if est.all_params else 0.0
     lines = [f"model: {est.model}, {est.description}"] + ([f"adapter: {est.adapter}"] if est.adapter else [])
     lines += [
-        f"trainable params: {est.trainable_params:,d} || all params: {est.all_params:,d} || trainable%: {share:.4f}",
+        format_trainable(est.trainable_params, est.all_params),
         f"full fine-tuning trains all {est.base_params:,d} base params",
         f"batch {est.batch_size} x {est.seq_len} tokens, {est.dtype}, gradient checkpointing "
         f"{'on' if est.gradient_checkpointing else 'off'}",
@@ -366,12 +366,9 @@ def _config_int(config: Any, *names: str, default: int | None = None) -> int:
 
 
 def _quantizable_weights(model: nn.Module) -> int:
-    """Weights QLoRA stores in NF4: every Linear/Conv1D weight but the output head, as quantize_model does."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    return sum(module.weight.numel() for path, module in model.named_modules()  # type: ignore[union-attr,misc]
-               if base_kind(module) in ("linear", "conv1d") and module is not head
-               and path.rsplit(".", 1)[-1] != "lm_head")
+    """Weights QLoRA stores in NF4: those of the layers quantize_model quantizes."""
+    weights = [model.get_submodule(path).weight for path in quantizable_linears(model)]
+    return sum(int(w.numel()) for w in weights if isinstance(w, torch.Tensor))
 
 
 def _is_quantized(module: nn.Module) -> bool:

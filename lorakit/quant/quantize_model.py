@@ -5,22 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorakit.core.config import path_matches
+from lorakit.core.walk import output_head
 from lorakit.quant.linear4bit import NF4Linear, is_conv1d
 
 METHODS = ("nf4",)
 """Quantization methods quantize_model knows."""
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    """The model's output projection, for transformers models (``get_output_embeddings``), else None."""
-    getter = getattr(model, "get_output_embeddings", None)
-    if not callable(getter):
-        return None
-    try:
-        head = getter()
-    except (NotImplementedError, AttributeError):
-        return None
-    return head if isinstance(head, nn.Module) else None
 
 
 def _examples(names: list[str], limit: int = 3) -> str:
@@ -66,22 +56,15 @@ def quantize_model(
         raise ValueError(
             f"model is already quantized: {len(quantized)} NF4Linear layers, e.g. {_examples(quantized)}"
         )
-    with_lora = [name for name, m in model.named_modules() if hasattr(m, "lora_A")]
+    with_lora = [name for name, m in model.named_modules() if hasattr(m, "lora_A")]  # lorakit's or PEFT's
     if with_lora:
         raise ValueError(
             f"model already has LoRA layers ({_examples(with_lora)}); quantize the base model first, then add adapters"
         )
 
-    head = _output_head(model)
-    targets = []
-    for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
-            continue
-        if module is head or any(name == s or name.endswith("." + s) for s in skip):
-            continue
-        if name == "":
-            raise ValueError("model is itself a linear layer; use NF4Linear.from_linear(model) instead")
-        targets.append(name)
+    targets = quantizable_linears(model, skip)
+    if "" in targets:
+        raise ValueError("model is itself a linear layer; use NF4Linear.from_linear(model) instead")
     if not targets:
         raise ValueError(
             f"found no nn.Linear or Conv1D layer to quantize (skip={skip!r}, output head excluded)"
@@ -102,6 +85,15 @@ def quantize_model(
         setattr(parent, child_name, layer)
     _own_remaining_parameters(model)
     return model
+
+
+def quantizable_linears(model: nn.Module, skip: tuple[str, ...] | list[str] = ("lm_head",)) -> list[str]:
+    """Paths of the layers quantize_model quantizes: every nn.Linear and Conv1D but the output head
+    and the modules named in `skip` (dotted suffixes)."""
+    head = output_head(model)
+    return [name for name, module in model.named_modules()
+            if (isinstance(module, nn.Linear) or is_conv1d(module)) and module is not head
+            and not path_matches(tuple(skip), name)]
 
 
 def _own_remaining_parameters(model: nn.Module) -> None:

@@ -56,3 +56,11 @@ def test_patterns_and_rslora_scale():
     assert math.isclose(config.scale_for("model.layers.0.self_attn.v_proj"), 16 / 2)
     # a pattern key must match a whole trailing part of the path, as in PEFT
     assert config.rank_for("model.layers.0.self_attn.xv_proj") == 8
+
+
+def test_one_rule_matches_module_paths():
+    from lorakit.core.config import path_matches
+
+    assert path_matches(("lm_head",), "lm_head") and path_matches(("lm_head",), "model.lm_head")
+    assert not path_matches(("lm_head",), "xlm_head") and not path_matches(("q_proj",), "q_proj.base")
+    assert path_matches(r".*\.0\.q_proj", "layers.0.q_proj") and not path_matches(r"q_proj", "layers.0.q_proj")

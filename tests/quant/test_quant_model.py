@@ -117,3 +117,15 @@ def test_argument_errors():
         quantize_model(nn.Sequential(nn.Embedding(4, 4), nn.ReLU()))
     with pytest.raises(ValueError, match="use NF4Linear.from_linear"):
         quantize_model(nn.Linear(64, 64), skip=())
+
+
+def test_the_estimate_and_quantize_model_pick_the_same_layers():
+    from lorakit.core.walk import output_head
+    from lorakit.quant.quantize_model import quantizable_linears
+    from tests.models import tiny_llama
+
+    model = tiny_llama()
+    planned = quantizable_linears(model)
+    assert output_head(model) is model.lm_head and "lm_head" not in planned
+    quantize_model(model)
+    assert planned == [name for name, m in model.named_modules() if isinstance(m, NF4Linear)]
