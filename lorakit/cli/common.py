@@ -62,9 +62,11 @@ def load_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
 
 
 def _refuse_repeats(paths: list[str]) -> None:
+    from lorakit.core.adapter_folder import find_adapter_folder
+
     seen: dict[str, str] = {}
     for path in paths:
-        key = os.path.realpath(path)
+        key = os.path.realpath(find_adapter_folder(path))  # a run folder and its adapter/ are one adapter
         if key in seen:
             raise ValueError(f"--adapter {path} is given twice (as {seen[key]!r} and {path!r}); stacked adapters "
                              "add their deltas, so it would count double. Give each adapter once")

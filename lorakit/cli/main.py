@@ -7,6 +7,7 @@ import importlib
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 
 COMMANDS = {
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `kill` and job schedulers stop a run with SIGTERM: end it as Ctrl-C does, which releases the
     # output folder and says how to continue.
     previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
+    warnings.formatwarning = _one_line_warning
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
@@ -64,6 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    # People read warnings, not source lines: "lorakit: warning: ..." on one line.
+    return f"lorakit: warning: {message}\n"
 
 
 def _interrupt(signum: int, frame: object) -> None:

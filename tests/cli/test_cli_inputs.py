@@ -156,6 +156,17 @@ def test_a_qlora_adapter_runs_on_its_4bit_base(model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir), "--adapter", adapter, "--quantize", "nf4", "--data", str(data),
                  "--limit", "2", "--no-exact-match"]) == 0
     assert "loss:" in capsys.readouterr().out
+    # On the full-precision base: one warning line, naming the base it was trained on.
+    done = subprocess.run([sys.executable, "-m", "lorakit.cli.main", "eval", "--model", str(model_dir), "--adapter",
+                           adapter, "--data", str(data), "--limit", "2", "--no-exact-match"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1 and warning[0].startswith("lorakit: warning: ") and "nf4" in warning[0]
+    assert "warnings.warn(" not in done.stderr and "UserWarning" not in done.stderr  # no source line under it
+    assert main(["eval", "--model", str(model_dir), "--adapter", adapter, "--adapter", str(tmp_path / "q"),
+                 "--data", str(data)]) == 1
+    assert "is given twice" in error_line(capsys)
     merged = tmp_path / "merged"
     assert main(["merge", "--model", str(model_dir), "--adapter", adapter, "--quantize", "nf4",
                  "--output", str(merged)]) == 0

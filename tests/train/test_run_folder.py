@@ -188,3 +188,8 @@ def test_resuming_a_finished_run_reports_its_last_loss(tmp_path):
     first = run(tmp_path, max_steps=4, save_every=4)
     again = run(tmp_path, max_steps=4, save_every=4, resume=True)
     assert again.steps == 4 and again.train_loss == pytest.approx(first.train_loss)
+
+
+def test_an_empty_output_dir_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="output_dir must name a folder, got ''"):
+        TrainConfig(data="x.jsonl", output_dir="")
