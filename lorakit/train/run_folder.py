@@ -11,6 +11,7 @@ At the start, `claim_run_folder`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -85,7 +86,9 @@ def claim_run_folder(config: TrainConfig, say: Callable[[str], None]) -> RunFold
         note = lock.acquire()
     except BaseException:
         if created:
-            shutil.rmtree(path, ignore_errors=True)
+            # rmdir, never rmtree: the run holding the lock may have created the folder just now.
+            with contextlib.suppress(OSError):
+                path.rmdir()
         raise
     folder = RunFolder(path=path, created=created, resume_from=None, lock=lock)
     try:

@@ -193,3 +193,16 @@ def test_resuming_a_finished_run_reports_its_last_loss(tmp_path):
 def test_an_empty_output_dir_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="output_dir must name a folder, got ''"):
         TrainConfig(data="x.jsonl", output_dir="")
+
+
+def test_losing_the_race_for_a_new_folder_deletes_nothing_of_the_winner(tmp_path, monkeypatch):
+    import lorakit.train.run_folder as run_folder
+
+    def winner_got_there_first(self):
+        (self.folder / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')  # the winner's work
+        raise RunFolderBusy("in use")
+
+    monkeypatch.setattr(run_folder.RunLock, "acquire", winner_got_there_first)
+    with pytest.raises(RunFolderBusy):
+        run(tmp_path)
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
