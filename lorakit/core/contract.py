@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -92,9 +91,8 @@ class LoraLayer(nn.Module):
     """True when the base stores its weight (in x out), so a delta is transposed before it is added."""
     fan_in_fan_out = False
     """PEFT's `fan_in_fan_out`: a linear base storing its weight (in x out), such as transformers' Conv1D."""
-
-    if TYPE_CHECKING:  # for code that still asks `name in layer.lora_A`; `name in layer.scaling` says it for every kind
-        lora_A: nn.ModuleDict | nn.ParameterDict
+    peft_keys = ("lora_A.weight", "lora_B.weight")
+    """Where A and B go in a PEFT adapter file: `base_model.model.<path>.<key>`."""
 
     def __init__(self, base: nn.Module, path: str) -> None:
         super().__init__()
@@ -183,6 +181,10 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             live_a.copy_(a)
             live_b.copy_(b)
+
+    def peft_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s live A and B under their PEFT keys (`peft_keys`)."""
+        return dict(zip(self.peft_keys, self.factors(name), strict=True))
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s * B @ A in fp32, laid out like the base weight (out x in, or in x out)."""

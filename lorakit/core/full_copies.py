@@ -50,6 +50,10 @@ class ModulesToSave(nn.Module):
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
+    def peft_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s copy: its live parameters and buffers by state-dict key."""
+        return self.modules_to_save[name].state_dict(keep_vars=True)
+
     def original(self) -> nn.Module:
         """The module this holder stands for."""
         return self.original_module

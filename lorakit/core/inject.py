@@ -13,7 +13,7 @@ from lorakit.core.contract import SUPPORTED_MODULES, LoraLayer, base_kind, in_ou
 from lorakit.core.full_copies import ModulesToSave
 from lorakit.core.layers import LINEAR_KINDS, wrap
 from lorakit.core.registry import adapter_configs, refuse_merged
-from lorakit.core.walk import model_modules, output_head, replace_module
+from lorakit.core.walk import model_modules, output_head, replace_module, unwrapped
 
 # Output heads that "all-linear" leaves alone when the model does not name its own through
 # get_output_embeddings() (classification and QA heads of transformers models).
@@ -75,7 +75,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     for path, module in model_modules(model):
         if isinstance(module, ModulesToSave) or not _selected(config, path, module, heads):
             continue
-        if base_kind(_unwrapped(module)) is None:
+        if base_kind(unwrapped(module)) is None:
             raise TypeError(
                 f"target {path!r} is a {type(module).__name__}, which lorakit cannot adapt; "
                 f"supported modules: {SUPPORTED_MODULES}"
@@ -99,7 +99,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
 def linear_module_names(model: nn.Module) -> list[str]:
     """The distinct last names of the model's adaptable linear modules (q_proj, k_proj, ...)."""
     names = [path.rsplit(".", 1)[-1] for path, m in model_modules(model)
-             if base_kind(_unwrapped(m)) in LINEAR_KINDS]
+             if base_kind(unwrapped(m)) in LINEAR_KINDS]
     return list(dict.fromkeys(names))
 
 
@@ -111,7 +111,7 @@ def layer_index(path: str) -> int | None:
 
 def _selected(config: LoraConfig, path: str, module: nn.Module, heads: list[nn.Module]) -> bool:
     if config.targets == ALL_LINEAR:
-        base = _unwrapped(module)
+        base = unwrapped(module)
         chosen = base_kind(base) in LINEAR_KINDS and not any(base is head for head in heads)
     else:
         chosen = path_matches(config.targets, path)
@@ -127,14 +127,11 @@ def _prefixes(path: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def _unwrapped(module: nn.Module) -> nn.Module:
-    return module.base if isinstance(module, LoraLayer) else module
-
 
 def _output_heads(model: nn.Module) -> list[nn.Module]:
     head = output_head(model)
-    heads = [_unwrapped(m) for p, m in model_modules(model) if p.rsplit(".", 1)[-1] in _HEAD_NAMES]
-    return heads + ([_unwrapped(head)] if head is not None else [])
+    heads = [unwrapped(m) for p, m in model_modules(model) if p.rsplit(".", 1)[-1] in _HEAD_NAMES]
+    return heads + ([unwrapped(head)] if head is not None else [])
 
 
 def _describe(targets: str | Sequence[str]) -> str:
@@ -154,7 +151,7 @@ def _check_name(model: nn.Module, name: str) -> None:
 def _check_ranks(targets: list[tuple[str, nn.Module]], config: LoraConfig) -> None:
     too_big = []
     for path, module in targets:
-        layer_in, layer_out = in_out(_unwrapped(module))
+        layer_in, layer_out = in_out(unwrapped(module))
         rank = config.rank_for(path)
         if rank > min(layer_in, layer_out):
             too_big.append(f"{path} ({layer_in} -> {layer_out}): r={rank} > {min(layer_in, layer_out)}")

@@ -25,11 +25,9 @@ from lorakit.core.adapter_folder import (
     read_config_json,
     read_header,
 )
-from lorakit.core.adapters import adapter_configs, list_adapters, merged_adapters
 from lorakit.core.config import LoraConfig
 from lorakit.core.files import remove_stale_temps, write_folder_atomically
 from lorakit.core.inject import add_adapter
-from lorakit.core.layers import LORA_LAYERS, LoraLinear
 from lorakit.core.peft_format import (
     BASE_QUANTIZATION,
     CONFIG_FILE,
@@ -48,7 +46,15 @@ from lorakit.core.peft_format import (
     planned_shapes,
     rank_problems,
 )
-from lorakit.core.walk import lora_layers
+from lorakit.core.registry import (
+    adapter_configs,
+    list_adapters,
+    merged_adapters,
+    merged_error,
+    refuse_merged,
+    unknown_adapter_error,
+)
+from lorakit.core.walk import lora_layers, unwrapped
 
 # Files a save may replace wholesale; a folder holding anything else gets its files replaced one by one.
 _ADAPTER_FILES = {CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE, "README.md"}
@@ -78,7 +84,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "de
     """
     model = _unwrapped(model)
     if name not in list_adapters(model):
-        raise ValueError(f"unknown adapter {name!r}; adapters on this model: {', '.join(list_adapters(model)) or 'none'}")
+        raise unknown_adapter_error(model, [name])
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cannot save an adapter to {folder}: it is a file, and an adapter is a folder")
@@ -135,9 +141,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], name: str | Non
     folder = find_adapter_folder(path)
     config, raw, header = read_adapter(folder)
     source = str(folder)
-    if merged_adapters(model) and not replace:
-        raise ValueError(f"adapters {merged_adapters(model)} are merged into the base weights; call unmerge(model) "
-                         "before loading another adapter (the loaded one becomes the active adapter)")
+    if not replace:
+        refuse_merged(model, "before loading another adapter (the loaded one becomes the active adapter)")
     trained_on = raw.get("base_model_name_or_path")
     config = fit_modules_to_save(model, config)
     if replace:
@@ -160,15 +165,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], name: str | Non
     # The file is checked: from here on the model changes. add_adapter still checks the name and
     # ranks, but before it changes anything, so a refusal there leaves the model untouched too.
     if not replace:
-        add_adapter(model, config, name)
-        for layer in lora_layers(model):
-            # New dropout modules start in training mode; follow the mode of the module they adapt.
-            if name in layer.lora_A and isinstance(layer, LoraLinear):
-                layer.lora_dropout[name].train(layer.base.training)
+        add_adapter(model, config, name)  # its dropout follows the mode of the module it adapts
     else:
         adapter_configs(model)[name] = config
         for layer in lora_layers(model):
-            if name in layer.lora_A:
+            if name in layer.scaling:
                 layer.scaling[name] = config.scale_for(layer.path)
     live = adapter_state(model, name, config.bias)
     with torch.no_grad():
@@ -225,10 +226,10 @@ def _base_mismatch(source: str, recorded: str | None, actual: str) -> str | None
 
 def _swap_target(model: nn.Module, name: str) -> tuple[set[str], set[str]]:
     if name not in list_adapters(model):
-        raise ValueError(f"replace=True swaps the weights of an existing adapter, but there is no adapter {name!r}; "
-                         f"adapters on this model: {', '.join(list_adapters(model)) or 'none'}")
+        raise unknown_adapter_error(model, [name], lead="replace=True swaps the weights of an existing adapter, "
+                                    "but there is no adapter ")
     if name in merged_adapters(model):
-        raise ValueError(f"adapter {name!r} is merged into the base weights; call unmerge(model) before swapping it")
+        raise merged_error(name, "before swapping it")
     return adapter_paths(model, name)
 
 
@@ -272,9 +273,7 @@ def _load_full_layers(model: nn.Module, tensors: dict[str, torch.Tensor],
     for key, tensor in tensors.items():
         if key not in optional or not key.endswith(".base_layer.weight"):
             continue
-        layer = model.get_submodule(key[len(PREFIX):-len(".base_layer.weight")])
-        assert isinstance(layer, LORA_LAYERS)
-        weight = layer.base.weight
+        weight = unwrapped(model.get_submodule(key[len(PREFIX):-len(".base_layer.weight")])).weight
         assert isinstance(weight, torch.Tensor)
         if torch.equal(weight.detach().cpu(), tensor.to(weight.dtype)):
             continue

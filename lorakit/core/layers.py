@@ -63,7 +63,7 @@ class LoraLinear(LoraLayer):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_dropout[name].train(self.training)  # a new module starts in training mode
+        self.lora_dropout[name].train(self.base.training)  # a new module starts in training mode
         self.shares_dropout_mask[name] = share_dropout_mask
         self.scaling[name] = scale
         init_factors(self.a(name).weight, self.b(name).weight, init)
@@ -163,6 +163,7 @@ class LoraEmbedding(LoraLayer):
     """
 
     weight_in_by_out = True  # the weight is (num_embeddings x dim): in x out
+    peft_keys = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(self, base: nn.Embedding, path: str = "", r: int | None = None, alpha: float | None = None,
                  name: str = "default") -> None:
@@ -189,7 +190,7 @@ class LoraEmbedding(LoraLayer):
         self.scaling[name] = scale
 
     @property
-    def lora_A(self) -> nn.ParameterDict:  # type: ignore[override]
+    def lora_A(self) -> nn.ParameterDict:
         """Same name as on LoraLinear, for code that tests `name in layer.lora_A`."""
         return self.lora_embedding_A
 
@@ -220,11 +221,14 @@ class LoraEmbedding(LoraLayer):
         return ((rows @ b.T) * self.scaling[name]).to(base.weight.dtype), 1.0
 
 
-LORA_LAYERS = (LoraLayer,)
+LAYER_KINDS = (LoraLinear, LoraEmbedding)
+
+
+def layer_class(module: nn.Module) -> type[LoraLinear] | type[LoraEmbedding]:
+    """The LoRA layer kind that wraps `module` (which must be a supported kind)."""
+    return LoraEmbedding if base_kind(module) == "embedding" else LoraLinear
 
 
 def wrap(module: nn.Module, path: str) -> LoraLayer:
     """A new LoRA layer around `module`, which must be a supported kind, in the module's train/eval mode."""
-    if base_kind(module) == "embedding":
-        return LoraEmbedding(cast(nn.Embedding, module), path)
-    return LoraLinear(module, path)
+    return layer_class(module)(module, path)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ rebuilds x * m for the one matmul that needs it. The update is added into the ba
     dB = s' g^T (x m A^T)        dA = (s' g B)^T (x m)        dx = g W + m * ((s' g B) A)
 
 Used by LoraLinear for the common case: a plain nn.Linear base with frozen weight and bias, one
-active adapter, and x, W, A and B in one dtype with autocast off.
+active adapter, and x, W, A and B in one dtype with autocast off; `LoraLinear.path_for` decides.
 """
 
 from __future__ import annotations

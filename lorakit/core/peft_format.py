@@ -18,16 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.core.adapters import adapter_configs
-from lorakit.core.config import ALL_LINEAR, LoraConfig
+from lorakit.core.config import ALL_LINEAR, LoraConfig, path_matches
+from lorakit.core.contract import LoraLayer, base_kind, in_out
 from lorakit.core.full_copies import ModulesToSave
 from lorakit.core.inject import find_targets
-from lorakit.core.layers import LORA_LAYERS, LoraEmbedding, LoraLinear, base_kind, in_out
-from lorakit.core.walk import lora_layers, model_modules
+from lorakit.core.layers import LAYER_KINDS, layer_class
+from lorakit.core.registry import adapter_configs
+from lorakit.core.walk import ADAPTER_MODULES, lora_layers, model_modules, unwrapped
 
 PREFIX = "base_model.model."
-_A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
-_B_SUFFIXES = (".lora_B.weight", ".lora_embedding_B")
+A_SUFFIXES = tuple("." + kind.peft_keys[0] for kind in LAYER_KINDS)  # .lora_A.weight, .lora_embedding_A
+B_SUFFIXES = tuple("." + kind.peft_keys[1] for kind in LAYER_KINDS)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
@@ -59,15 +60,8 @@ def adapter_state(model: nn.Module, name: str, bias: str) -> dict[str, torch.Ten
     """PEFT key -> the live tensor (parameter or buffer) of adapter `name` on `model`."""
     state: dict[str, torch.Tensor] = {}
     for path, module in model_modules(model):
-        if isinstance(module, LoraLinear) and name in module.lora_A:
-            state[f"{PREFIX}{path}.lora_A.weight"] = module.a(name).weight
-            state[f"{PREFIX}{path}.lora_B.weight"] = module.b(name).weight
-        elif isinstance(module, LoraEmbedding) and name in module.lora_embedding_A:
-            state[f"{PREFIX}{path}.lora_embedding_A"] = module.lora_embedding_A[name]
-            state[f"{PREFIX}{path}.lora_embedding_B"] = module.lora_embedding_B[name]
-        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
-            for key, tensor in module.modules_to_save[name].state_dict(keep_vars=True).items():
-                state[f"{PREFIX}{path}.{key}"] = tensor
+        if isinstance(module, ADAPTER_MODULES) and name in module.adapter_names():
+            state.update({f"{PREFIX}{path}.{key}": tensor for key, tensor in module.peft_state(name).items()})
     adapted, copied = adapter_paths(model, name)
     state.update(bias_tensors(model, bias, adapted, copied))
     return state
@@ -75,7 +69,7 @@ def adapter_state(model: nn.Module, name: str, bias: str) -> dict[str, torch.Ten
 
 def adapter_paths(model: nn.Module, name: str) -> tuple[set[str], set[str]]:
     """(paths of the LoRA layers, paths of the modules_to_save copies) holding adapter `name`."""
-    adapted = {p for p, m in model_modules(model) if isinstance(m, LORA_LAYERS) and name in m.lora_A}
+    adapted = {p for p, m in model_modules(model) if isinstance(m, LoraLayer) and name in m.scaling}
     copied = {p for p, m in model_modules(model) if isinstance(m, ModulesToSave) and name in m.modules_to_save}
     return adapted, copied
 
@@ -94,19 +88,13 @@ def planned_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int,
     shapes: dict[str, tuple[int, ...]] = {}
     adapted, copied = planned_paths(model, config)
     for path in sorted(adapted):
-        module = model.get_submodule(path)
-        base = module.base if isinstance(module, LORA_LAYERS) else module
+        base = unwrapped(model.get_submodule(path))
         rank, (fan_in, fan_out) = config.rank_for(path), in_out(base)
-        if base_kind(base) == "embedding":
-            shapes[f"{PREFIX}{path}.lora_embedding_A"] = (rank, fan_in)
-            shapes[f"{PREFIX}{path}.lora_embedding_B"] = (fan_out, rank)
-        else:
-            shapes[f"{PREFIX}{path}.lora_A.weight"] = (rank, fan_in)
-            shapes[f"{PREFIX}{path}.lora_B.weight"] = (fan_out, rank)
+        key_a, key_b = layer_class(base).peft_keys
+        shapes[f"{PREFIX}{path}.{key_a}"] = (rank, fan_in)  # A: r x in
+        shapes[f"{PREFIX}{path}.{key_b}"] = (fan_out, rank)  # B: out x r
     for path in sorted(copied):
-        module = model.get_submodule(path)
-        original = module.original_module if isinstance(module, ModulesToSave) else module
-        for key, tensor in original.state_dict().items():
+        for key, tensor in unwrapped(model.get_submodule(path)).state_dict().items():
             shapes[f"{PREFIX}{path}.{key}"] = tuple(tensor.shape)
     for key, tensor in bias_tensors(model, config.bias, adapted, copied).items():
         shapes[key] = tuple(tensor.shape)
@@ -122,8 +110,7 @@ def optional_shapes(model: nn.Module, adapted: set[str], copied: set[str],
     """
     shapes: dict[str, tuple[int, ...] | None] = {}
     for path in adapted:
-        module = model.get_submodule(path)
-        weight = getattr(module.base if isinstance(module, LORA_LAYERS) else module, "weight", None)
+        weight = getattr(unwrapped(model.get_submodule(path)), "weight", None)
         if isinstance(weight, torch.Tensor):
             shapes[f"{PREFIX}{path}.base_layer.weight"] = tuple(weight.shape)
     if bias == "all":
@@ -135,8 +122,7 @@ def optional_shapes(model: nn.Module, adapted: set[str], copied: set[str],
 def base_quantization(model: nn.Module, paths: Iterable[str]) -> str:
     """"nf4" when a module at one of `paths` (or the base inside its LoRA layer) is 4-bit, else "none"."""
     for path in paths:
-        module = model.get_submodule(path)
-        if base_kind(module.base if isinstance(module, LORA_LAYERS) else module) == "quantized":
+        if base_kind(unwrapped(model.get_submodule(path))) == "quantized":
             return "nf4"
     return "none"
 
@@ -149,7 +135,7 @@ def rank_problems(config: LoraConfig, shapes: Mapping[str, tuple[int, ...]]) -> 
     """
     ranks: dict[str, set[int]] = {}
     for key, shape in shapes.items():
-        for suffix, axis in (*((s, 0) for s in _A_SUFFIXES), *((s, 1) for s in _B_SUFFIXES)):
+        for suffix, axis in (*((s, 0) for s in A_SUFFIXES), *((s, 1) for s in B_SUFFIXES)):
             if key.startswith(PREFIX) and key.endswith(suffix) and len(shape) == 2:
                 ranks.setdefault(key[len(PREFIX):-len(suffix)], set()).add(shape[axis])
     wrong: dict[tuple[str, int], list[str]] = {}
@@ -172,13 +158,11 @@ def bias_tensors(model: nn.Module, bias: str, adapted: set[str], copied: set[str
     for path, module in model_modules(model):
         if path in copied:
             continue
+        inner = unwrapped(module)
         if path in adapted:
-            base = module.base if isinstance(module, LORA_LAYERS) else module
-            if isinstance(base._parameters.get("bias"), torch.Tensor):
-                found[f"{PREFIX}{path}.base_layer.bias"] = base._parameters["bias"]  # type: ignore[assignment]
+            if isinstance(inner._parameters.get("bias"), torch.Tensor):
+                found[f"{PREFIX}{path}.base_layer.bias"] = inner._parameters["bias"]  # type: ignore[assignment]
         elif bias == "all":
-            inner = module.original_module if isinstance(module, ModulesToSave) else module
-            inner = inner.base if isinstance(inner, LORA_LAYERS) else inner
             if isinstance(inner._parameters.get("bias"), torch.Tensor):
                 found[f"{PREFIX}{path}.bias"] = inner._parameters["bias"]  # type: ignore[assignment]
     return found
@@ -187,8 +171,7 @@ def bias_tensors(model: nn.Module, bias: str, adapted: set[str], copied: set[str
 def modules_to_save_paths(model: nn.Module, names: Iterable[str]) -> list[str]:
     """Paths of the modules whose path is, or ends with, one of `names` (the PEFT suffix rule)."""
     names = tuple(names)
-    return [path for path, _ in model_modules(model)
-            if any(path == key or path.endswith("." + key) for key in names)]
+    return [path for path, _ in model_modules(model) if path_matches(names, path)]
 
 
 # --- config --------------------------------------------------------------------------------------
@@ -196,7 +179,7 @@ def modules_to_save_paths(model: nn.Module, names: Iterable[str]) -> list[str]:
 def config_to_json(model: nn.Module, name: str) -> dict[str, Any]:
     """adapter_config.json for adapter `name`, with the keys PEFT, vLLM and TGI read."""
     config = adapter_configs(model)[name]
-    layers = [layer for layer in lora_layers(model) if name in layer.lora_A]
+    layers = [layer for layer in lora_layers(model) if name in layer.scaling]
     targets, exclude, layer_indices = _target_modules(model, config, {layer.path for layer in layers})
     data: dict[str, Any] = {
         "peft_type": "LORA",

@@ -45,6 +45,11 @@ def adapter_modules(model: nn.Module) -> list[AdapterModule]:
     return [module for _, module in model_modules(model) if isinstance(module, ADAPTER_MODULES)]
 
 
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module a lorakit wrapper stands for (a LoRA layer's base, a holder's original), else itself."""
+    return module.original() if isinstance(module, ADAPTER_MODULES) else module
+
+
 def output_head(model: nn.Module) -> nn.Module | None:
     """The model's output projection as transformers names it (`get_output_embeddings`), else None.
 
