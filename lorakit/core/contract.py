@@ -27,6 +27,12 @@ from lorakit.core.rows import RowAdapters, add_rows
 SUPPORTED_MODULES = "nn.Linear, transformers' Conv1D, nn.Embedding and lorakit's NF4Linear"
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear storing its weight in x out. Matched by class name,
+    so core never imports transformers."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
 def base_kind(module: nn.Module) -> str | None:
     """The kind of base module a LoRA layer can wrap ("linear", "conv1d", "embedding", "quantized"), or None.
 
@@ -37,8 +43,7 @@ def base_kind(module: nn.Module) -> str | None:
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
-    # transformers' Conv1D (GPT-2) is matched by name so core never imports transformers.
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+    if is_conv1d(module):
         return "conv1d"
     if callable(getattr(module, "dequantize_weight", None)) and hasattr(module, "in_features"):
         return "quantized"

@@ -20,18 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.core.contract import is_conv1d
 from lorakit.quant.nf4 import SUPPORTED_DTYPES, NF4Tensor, dequantize_nf4, quantize_nf4
 
 # Buffers holding the NF4 weight, in NF4Tensor field order; the last two exist with double quant only.
 _QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_offset")
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2 style: a linear with its weight stored in x out).
-
-    Checked by class name so that this package never imports transformers.
-    """
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 class _NF4Linear(torch.autograd.Function):

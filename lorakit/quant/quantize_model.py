@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from lorakit.core.config import path_matches
+from lorakit.core.contract import is_conv1d
 from lorakit.core.walk import output_head
-from lorakit.quant.linear4bit import NF4Linear, is_conv1d
+from lorakit.quant.linear4bit import NF4Linear
 
 METHODS = ("nf4",)
 """Quantization methods quantize_model knows."""
