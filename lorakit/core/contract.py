@@ -208,19 +208,28 @@ class LoraLayer(nn.Module):
         """The adapters among `names` that this layer holds and has not merged yet."""
         return [n for n in names if n in self.scaling and n not in self.merged_adapters]
 
-    def merged_weight(self, names: Sequence[str], check: bool = False) -> torch.Tensor:
-        """W0 + the deltas of `names`, in fp32; with `check`, refuse each non-finite W0 + delta."""
-        weight = self.base.dequantize_weight(torch.float32) if self.kind == "quantized" else self.base.weight  # type: ignore[operator]
-        assert isinstance(weight, torch.Tensor)
+    def check_merge(self, names: Sequence[str]) -> None:
+        """Refuse (ValueError) when W0 + delta of an adapter among `names` has an inf or NaN."""
+        weight = self._base_weight()
+        with torch.no_grad():
+            for name in names:
+                if not torch.isfinite(weight.float() + self.delta_weight(name).to(weight.device)).all():
+                    raise ValueError(f"merging adapter {name!r} into {self.path!r} gives non-finite weights "
+                                     "(inf or NaN); nothing was merged")
+
+    def merged_weight(self, names: Sequence[str]) -> torch.Tensor:
+        """W0 + the deltas of `names`, in fp32 (a 4-bit base dequantized)."""
+        weight = self._base_weight()
         with torch.no_grad():
             merged = weight.float()
             for name in names:
-                delta = self.delta_weight(name).to(weight.device)
-                if check and not torch.isfinite(weight.float() + delta).all():
-                    raise ValueError(f"merging adapter {name!r} into {self.path!r} gives non-finite weights "
-                                     "(inf or NaN); nothing was merged")
-                merged = merged + delta
+                merged = merged + self.delta_weight(name).to(weight.device)
         return merged
+
+    def _base_weight(self) -> torch.Tensor:
+        weight = self.base.dequantize_weight(torch.float32) if self.kind == "quantized" else self.base.weight  # type: ignore[operator]
+        assert isinstance(weight, torch.Tensor)
+        return weight
 
     def merge(self, names: Sequence[str], safe: bool = True) -> None:
         """Fold the adapters among `names` not merged yet into the base weight: W = W0 + s B A.
@@ -234,7 +243,7 @@ class LoraLayer(nn.Module):
         if not self.mergeable:
             raise ValueError(f"cannot merge into the 4-bit base of {self.path!r} in place")
         if safe:
-            self.merged_weight(pending, check=True)
+            self.check_merge(pending)
         for name in pending:  # one at a time, in order, as unmerge undoes them
             self._add_delta(name, sign=1.0)
             self.merged_adapters.append(name)
@@ -246,8 +255,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters.clear()
 
     def _add_delta(self, name: str, sign: float) -> None:
-        weight = self.base.weight
-        assert isinstance(weight, torch.Tensor)
+        weight = self._base_weight()
         with torch.no_grad():
             updated = weight.float() + sign * self.delta_weight(name).to(weight.device)
             weight.copy_(updated.to(weight.dtype))

@@ -47,7 +47,7 @@ def _merge_layers(model: nn.Module, layers: list[LoraLayer], names: list[str], s
         # Check every layer before writing any, so a refused merge leaves all weights untouched
         # (undoing by subtraction would only restore them up to rounding).
         for layer in work:
-            layer.merged_weight(layer.to_merge(names), check=True)
+            layer.check_merge(layer.to_merge(names))
     for layer in work:
         layer.merge(names, safe=False)
 
