@@ -93,14 +93,17 @@ class LoraLinear(LoraLayer):
         path = self.path_for(x.dtype, torch.is_autocast_enabled(x.device.type))
         live = self.live_adapters()
         if path == FUSED:  # the base and the one adapter in one autograd function (lora_function.py)
-            return lora_linear(x, *self.fused_arguments(live[0]), self.shares_dropout_mask[live[0]])
+            return lora_linear(x, *self.fused_arguments(live[0]), self.shares_dropout_mask[live[0]],
+                               reader=(id(self), live[0]))
         h = self.base(x)  # W0 x: (..., out)
         for name in live:
             a, b, s = *self.factors(name), self.scaling[name]  # A: (r, in), B: (out, r)
             if path == UPDATE:  # h + s B A dropout(x) in one autograd function (lora_function.py)
-                h = lora_update(h, x, a, b, s, self.dropout_p(name), self.shares_dropout_mask[name])
+                h = lora_update(h, x, a, b, s, self.dropout_p(name), self.shares_dropout_mask[name],
+                                reader=(id(self), name))
             else:  # the reference, in autograd ops; s on the rank side: an (..., r) multiply
-                x_in = adapter_input(x, a.dtype, self.lora_dropout[name], self.shares_dropout_mask[name])
+                x_in = adapter_input(x, a.dtype, self.lora_dropout[name], self.shares_dropout_mask[name],
+                                     reader=(id(self), name))
                 h = h + self.b(name)(self.a(name)(x_in) * s).to(h.dtype)
         return h
 

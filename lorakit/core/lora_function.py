@@ -101,12 +101,14 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scale: float, dropout: float, share_mask: bool = True) -> torch.Tensor:
+                lora_b: torch.Tensor, scale: float, dropout: float, share_mask: bool = True,
+                reader: Hashable | None = None) -> torch.Tensor:
     """base linear + s * B A dropout(x) for x (..., in) -> (..., out), through LoraLinearFunction.
 
     With `share_mask`, modules reading the same x (q, k and v; gate and up) share one dropout mask.
+    `reader` names the caller (layer and adapter) for `shared`.
     """
-    flat, mask = _flat_with_mask(x, dropout, share_mask)
+    flat, mask = _flat_with_mask(x, dropout, share_mask, reader)
     scale = scale / (1.0 - dropout)
     if torch.is_grad_enabled():
         y = LoraLinearFunction.apply(flat, weight, bias, lora_a, lora_b, scale, mask)
@@ -116,15 +118,16 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def lora_update(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scale: float, dropout: float, share_mask: bool = True) -> torch.Tensor:
+                scale: float, dropout: float, share_mask: bool = True, reader: Hashable | None = None) -> torch.Tensor:
     """base_out + s * B A dropout(x) for x (..., in), base_out (..., out), through LoraUpdateFunction."""
-    flat, mask = _flat_with_mask(x, dropout, share_mask)
+    flat, mask = _flat_with_mask(x, dropout, share_mask, reader)
     out = LoraUpdateFunction.apply(base_out.reshape(-1, base_out.shape[-1]), flat, lora_a, lora_b,
                                    scale / (1.0 - dropout), mask)
     return out.reshape(base_out.shape)
 
 
-def adapter_input(x: torch.Tensor, dtype: torch.dtype, dropout: nn.Module, share_mask: bool = True) -> torch.Tensor:
+def adapter_input(x: torch.Tensor, dtype: torch.dtype, dropout: nn.Module, share_mask: bool = True,
+                  reader: Hashable | None = None) -> torch.Tensor:
     """dropout(x) in the adapter's dtype, for the autograd path; x itself when no copy is needed.
 
     A cast copy is shared by all adapters reading this x; a dropped-out one only with `share_mask`.
@@ -135,25 +138,26 @@ def adapter_input(x: torch.Tensor, dtype: torch.dtype, dropout: nn.Module, share
         return x
     if p > 0 and not share_mask:
         return dropout(x.to(dtype) if cast_needed else x)
-    return shared(x, ("prepared", dtype, p), lambda: dropout(x.to(dtype) if cast_needed else x))
+    return shared(x, ("prepared", dtype, p), lambda: dropout(x.to(dtype) if cast_needed else x), reader)
 
 
-def _flat_with_mask(x: torch.Tensor, dropout: float, share_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _flat_with_mask(x: torch.Tensor, dropout: float, share_mask: bool,
+                    reader: Hashable | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x as (N, in) and its keep mask (None without dropout) in the same shape."""
     flat = x.reshape(-1, x.shape[-1])
     if dropout == 0:
         return flat, None
-    mask = dropout_mask(x, dropout) if share_mask else draw_keep_mask(x, dropout)
+    mask = dropout_mask(x, dropout, reader) if share_mask else draw_keep_mask(x, dropout)
     return flat, None if mask is None else mask.reshape(flat.shape)
 
 
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
+def dropout_mask(x: torch.Tensor, p: float, reader: Hashable | None = None) -> torch.Tensor | None:
     """A 0/1 uint8 keep mask for x (1 with probability 1 - p), shared by all readers of x; None for p = 0."""
     if p == 0:
         return None
     if not 0 < p < 1:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
-    return shared(x, ("mask", p), lambda: draw_keep_mask(x, p))
+    return shared(x, ("mask", p), lambda: draw_keep_mask(x, p), reader)
 
 
 def draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -169,7 +173,8 @@ def draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 _SHARED = "_lorakit_shared"
 
 
-def shared(x: torch.Tensor, key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+def shared(x: torch.Tensor, key: Hashable, make: Callable[[], torch.Tensor],
+           reader: Hashable | None = None) -> torch.Tensor:
     """make(), computed once per input tensor x and key: what one reader of x made, the others reuse.
 
     q, k and v (gate and up) read the same x: one cast copy and, with shared masks, one dropout
@@ -178,13 +183,18 @@ def shared(x: torch.Tensor, key: Hashable, make: Callable[[], torch.Tensor]) -> 
     checkpointed block's recompute makes new ones, drawing the same masks from the restored RNG
     state). Threads running forwards on different inputs share nothing. Inside a compiled graph
     nothing is kept (no Python-side state there).
+
+    `reader` names who asks (a layer and adapter). A reader that asks again for the same x is in a
+    new forward over the very same tensor object (a loop feeding one batch again, or a layer that
+    is the model's first module): it gets a fresh value, which the other readers then share, so
+    dropout stays random from one forward to the next. None joins whatever is there.
     """
     if torch.compiler.is_compiling():
         return make()
-    values = x.__dict__.get(_SHARED)
-    if values is None:
-        values = x.__dict__.setdefault(_SHARED, {})
-    value = values.get(key)
-    if value is None:
-        value = values.setdefault(key, make())
-    return value
+    values = x.__dict__.setdefault(_SHARED, {})
+    entry = values.get(key)  # (value, readers so far)
+    if entry is None or (reader is not None and reader in entry[1]):
+        entry = values[key] = (make(), set())
+    if reader is not None:
+        entry[1].add(reader)
+    return entry[0]

@@ -187,6 +187,31 @@ def test_modules_reading_one_input_draw_their_own_masks_when_asked(monkeypatch):
     assert not torch.equal(q, k) and not torch.equal(k, v)
 
 
+@pytest.mark.parametrize("path", [FUSED, UPDATE, AUTOGRAD])
+def test_the_same_input_tensor_fed_again_gets_a_new_mask(path):
+    # A loop that feeds one batch tensor again (or a model whose first module is a LoRA layer)
+    # must not meet its first forward's dropout mask again.
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(64, 32), r=8, alpha=16, dropout=0.5)
+    with torch.no_grad():
+        layer.b("default").weight.normal_()
+    layer.path_for = lambda dtype, autocast: path
+    x = torch.randn(4, 64)
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_modules_sharing_a_mask_still_share_it_when_the_input_is_fed_again(monkeypatch):
+    model = add_adapter(tiny_llama(), LoraConfig(r=4, dropout=0.3))
+    ids = tokens()
+    drawn = []
+    original = lora_function.draw_keep_mask
+    monkeypatch.setattr(lora_function, "draw_keep_mask", lambda x, p: drawn.append(original(x, p)) or drawn[-1])
+    model.train()
+    model(input_ids=ids)
+    model(input_ids=ids)
+    assert len(drawn) == 2 * 2 * 4  # two forwards, two blocks, one mask per input (q/k/v, o, gate/up, down)
+
+
 def test_the_setting_is_validated():
     with pytest.raises(ValueError, match="share_dropout_mask must be True or False, got 1"):
         LoraConfig(share_dropout_mask=1)

@@ -84,7 +84,8 @@ def test_q_k_v_share_one_dropout_mask_and_layers_do_not(monkeypatch):
     model.train()
     masks = []
     original = lora_function.dropout_mask
-    monkeypatch.setattr(lora_function, "dropout_mask", lambda x, p: masks.append(original(x, p)) or masks[-1])
+    monkeypatch.setattr(lora_function, "dropout_mask",
+                        lambda x, p, *reader: masks.append(original(x, p, *reader)) or masks[-1])
     model(input_ids=tokens())
     q0, k0, v0, o0, gate0, up0, down0, q1 = masks[:8]
     assert q0 is k0 is v0 and gate0 is up0
