@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `kill` and job schedulers stop a run with SIGTERM: end it as Ctrl-C does, which releases the
     # output folder and says how to continue.
     previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
-    warnings.formatwarning = _one_line_warning
+    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning  # type: ignore[assignment]
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
@@ -64,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
         return 1
     finally:
+        warnings.formatwarning = previous_format
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
