@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,22 @@ EXAMPLES = """examples:
   lorakit train --data train.jsonl --quantize nf4            # QLoRA: 4-bit frozen base
   lorakit train --config run.yaml --lr 1e-4                  # flags override the file
   lorakit train --config run.yaml --resume                   # continue after a crash
+  lorakit train --data train.jsonl --nproc 2                 # 2 processes (DDP), started for you
+  lorakit train --data train.jsonl --nproc 4 --distributed fsdp --global-batch-size 32
+  torchrun --nproc-per-node 8 -m lorakit train --distributed fsdp --config run.yaml
 
 YAML keys are the TrainConfig fields: data, model, output_dir, val_data, val_fraction, format,
 max_length, pack, r, alpha, dropout, targets, learning_rate, epochs, max_steps, batch_size,
-grad_accum, warmup_steps, save_every, eval_every, seed, quantize, optimizer, ...
+grad_accum, global_batch_size, warmup_steps, save_every, eval_every, seed, quantize, optimizer, ...
+and a distributed: section (strategy: ddp|fsdp, nproc, backend: auto|gloo|nccl, timeout_s); docs/distributed.md.
 """
+
+# (flag, key of the YAML distributed: section, type, help)
+DISTRIBUTED_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--distributed", "strategy", str, "ddp or fsdp: train on several processes (under torchrun, or with --nproc)"),
+    ("--nproc", "nproc", int, "start this many processes on this machine (re-launches under torchrun; "
+                              "default strategy ddp)"),
+]
 
 # (flag, TrainConfig field, type, help); booleans are store_true flags.
 FLAGS: list[tuple[str, str, Any, str]] = [
@@ -45,6 +58,8 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-steps", "max_steps", int, "stop after this many optimizer steps"),
     ("--batch-size", "batch_size", int, "rows per micro-batch"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
+    ("--global-batch-size", "global_batch_size", int, "rows per optimizer step over all processes "
+                                                      "(sets the micro-batches per step)"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm"),
     ("--gradient-checkpointing", "gradient_checkpointing", bool, "recompute activations to save memory"),
     ("--seed", "seed", int, "random seed"),
@@ -80,6 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=field, action="store_false", default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+    for flag, key, kind, text in DISTRIBUTED_FLAGS:
+        parser.add_argument(flag, dest=f"distributed_{key}", type=kind, default=None, help=text)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,6 +107,11 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for _, field, _, _ in FLAGS:
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
+    given = {key: getattr(args, f"distributed_{key}") for _, key, _, _ in DISTRIBUTED_FLAGS
+             if getattr(args, f"distributed_{key}", None) is not None}
+    if given:
+        section = values.get("distributed")
+        values["distributed"] = {**(section if isinstance(section, dict) else {}), **given}
     if "data" not in values:
         raise ValueError("no training data: give --data FILE.jsonl (or 'data:' in --config)")
     return values
@@ -113,10 +135,48 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
+def command_line(args: argparse.Namespace) -> list[str]:
+    """The `train ...` arguments that give these settings again (for the ranks that --nproc starts)."""
+    argv = ["train"] + (["--debug"] if getattr(args, "debug", False) else [])
+    if args.config:
+        argv += ["--config", args.config]
+    for flag, field, kind, _ in FLAGS:
+        value = getattr(args, field)
+        if value is None:
+            continue
+        argv += [flag] if kind in (bool, "off") else [flag, str(value)]
+    for flag, key, _, _ in DISTRIBUTED_FLAGS:
+        value = getattr(args, f"distributed_{key}", None)
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
 def run(args: argparse.Namespace) -> int:
     from lorakit.train import TrainConfig, train
+    from lorakit.train.distributed import OtherRankFailed, launch, under_torchrun
 
-    result = train(TrainConfig.from_dict(settings(args)))
+    config = TrainConfig.from_dict(settings(args))
+    nproc = config.distributed.nproc if config.distributed is not None else None
+    if nproc is not None and not under_torchrun():
+        config.accumulation(nproc)  # a global batch that does not split: one line, before any process starts
+        return launch(nproc, command_line(args))  # each rank runs this command under torchrun
+    rank = int(os.environ["RANK"]) if under_torchrun() else 0
+    try:
+        result = train(config)
+    except OtherRankFailed:
+        return 1  # rank 0 has said why
+    except ValueError:
+        if rank == 0:
+            raise
+        return 1  # bad settings: every rank has the same (their hash is compared), rank 0 says it once
+    except Exception as err:  # a failure of this rank alone: say which rank
+        if rank == 0 or getattr(args, "debug", False):
+            raise
+        print(f"lorakit train: error on rank {rank}: {err}", file=sys.stderr)
+        return 1
+    if rank != 0:
+        return 0
     print(f"\ntrained {result.steps} steps in {result.seconds:.0f} s; final train loss {result.train_loss:.4f}"
           + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
           + (f", exact match {result.exact_match.score:.1%}" if result.exact_match else ""))

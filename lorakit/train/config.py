@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, get_args, get_type_hints
 
 from lorakit.core.config import LoraConfig, parse_targets
+from lorakit.train.distributed_config import DistributedConfig
 
 QUANT_METHODS = ("nf4",)
 OPTIMIZERS = ("adamw", "paged_adamw")
@@ -68,6 +69,10 @@ class TrainConfig:
     """Rows per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    global_batch_size: int | None = None
+    """Rows per optimizer step over all ranks; when set, the micro-batches per step follow from it
+    (global_batch_size / (batch_size x ranks), which must be whole), so one setting gives the same
+    maths on 1, 2 or 8 processes. None: batch_size x grad_accum x ranks."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this value; None disables clipping."""
     gradient_checkpointing: bool = False
@@ -95,9 +100,13 @@ class TrainConfig:
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     progress: bool = True
     """Show the progress bar."""
+    distributed: DistributedConfig | None = None
+    """Several processes (DDP or FSDP2 under torchrun); the YAML `distributed:` section. None: one process."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", parse_targets(self.targets))
+        if isinstance(self.distributed, dict):  # a YAML section or to_dict()'s form
+            object.__setattr__(self, "distributed", DistributedConfig.from_dict(self.distributed))
         problems = []
         positive = ("max_length", "r", "batch_size", "grad_accum", "epochs", "keep_last", "max_new_tokens")
         for name in positive:
@@ -108,6 +117,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 problems.append(f"{name} must be an integer >= 0, got {value!r}")
+        if self.global_batch_size is not None:
+            if not isinstance(self.global_batch_size, int) or isinstance(self.global_batch_size, bool) \
+                    or self.global_batch_size < 1:
+                problems.append(f"global_batch_size must be an integer >= 1 or None, got {self.global_batch_size!r}")
+            elif self.grad_accum != 1:
+                problems.append(f"give global_batch_size ({self.global_batch_size}) or grad_accum "
+                                f"({self.grad_accum}), not both: the micro-batches per step follow from the first")
+        if self.distributed is not None and not isinstance(self.distributed, DistributedConfig):
+            problems.append(f"distributed must be a mapping such as {{strategy: ddp, nproc: 2}}, got "
+                            f"{self.distributed!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             problems.append(f"max_steps must be an integer >= 1 or None, got {self.max_steps!r}")
         if not self.learning_rate > 0:
@@ -144,6 +163,24 @@ class TrainConfig:
         if problems:
             raise ValueError("invalid training settings:\n  " + "\n  ".join(problems))
 
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on `world_size` ranks.
+
+        Raises:
+            ValueError: global_batch_size does not split into whole micro-batches over the ranks.
+        """
+        if self.global_batch_size is None:
+            return self.grad_accum
+        per_step = self.batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(f"global_batch_size={self.global_batch_size} does not split over {world_size} rank(s) "
+                             f"x batch_size {self.batch_size}: give a multiple of {per_step}, or change batch_size")
+        return self.global_batch_size // per_step
+
+    def global_batch(self, world_size: int) -> int:
+        """Rows per optimizer step over all ranks."""
+        return self.batch_size * self.accumulation(world_size) * world_size
+
     def lora_config(self) -> LoraConfig:
         """The adapter this run trains."""
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
@@ -160,7 +197,8 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         types = get_type_hints(cls)
-        return cls(**{key: _as_number(key, value, types[key]) for key, value in values.items()})
+        return cls(**{key: value if key == "distributed" else _as_number(key, value, types[key])
+                      for key, value in values.items()})
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)

@@ -12,6 +12,7 @@ from torch import nn
 from lorakit.data import EvalPair, TokenizedDataset, batches, exact_match
 from lorakit.hf.generate import left_pad
 from lorakit.train.chunked_loss import causal_lm_loss
+from lorakit.train.parallel import TrainingModule
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,9 @@ def evaluation_loss(model: nn.Module, dataset: TokenizedDataset, batch_size: int
         for batch in batches(dataset, batch_size, shuffle=False, epochs=1):
             inputs = batch.to(device).inputs
             count = batch.num_label_tokens
-            loss = causal_lm_loss(model, inputs, num_items=count)
+            # A TrainingModule (FSDP2's root) computes the loss in its own forward.
+            loss = model(inputs, num_items=count) if isinstance(model, TrainingModule) else \
+                causal_lm_loss(model, inputs, num_items=count)
             total += float(loss) * count
             tokens += count
     model.train(was_training)

@@ -1,7 +1,8 @@
 """train(): LoRA fine-tuning from a JSONL file to a PEFT-layout adapter, resumable at any moment.
 
-Single-process today, written for torchrun tomorrow: the data iterator takes rank/world_size,
-and only `_is_main()` writes files or prints.
+One process, or several under torchrun (DDP or FSDP2, see distributed.py and parallel.py): each
+rank reads its own share of every step, the loss is the mean over all label tokens of the global
+batch, and rank 0 alone claims the output folder, prints and writes.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from lorakit.data import (
 from lorakit.data.jsonl import FormatChoice
 from lorakit.hf.fused_mlp import fuse_gated_mlps
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from lorakit.train.chunked_loss import causal_lm_loss
 from lorakit.train.config import TrainConfig
+from lorakit.train.distributed import World, broadcast, on_main, start
 from lorakit.train.evaluate import ExactMatch, evaluation_loss, exact_match_score
 from lorakit.train.metrics import MetricsLog, plot_losses
-from lorakit.train.run_folder import RunFolder, claim_run_folder, run_settings
+from lorakit.train.parallel import base_bytes, full_tensor, no_sync, whole_trainables, wrap
+from lorakit.train.run_folder import claim_run_folder, run_settings
 from lorakit.train.schedule import warmup_cosine
 
 ADAPTER_NAME = "default"
@@ -74,32 +76,48 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
         TrainingDiverged: the loss became NaN/inf (the last good checkpoint stays on disk).
     """
     started = time.perf_counter()
+    world = start(config)  # one process unless torchrun started this one
+    return _claim_and_run(config, world, model, tokenizer, started)
+
+
+def _claim_and_run(config: TrainConfig, world: World, model: nn.Module | None, tokenizer: Any,
+                   started: float) -> TrainResult:
     lora = config.lora_config()
+    accumulation = config.accumulation(world.world_size)  # a global batch that does not split: an error now
     records, val_records = _records(config)  # data problems show before any slow work
-    folder = claim_run_folder(config, _say)
+    folder = on_main(world, lambda: claim_run_folder(config, _say, world.world_size))
+    resume_from = broadcast(world, folder.resume_from if folder is not None else None)
     try:
-        result = _run(config, folder, lora, records, val_records, model, tokenizer, started)
+        result = _run(config, world, Path(config.output_dir), resume_from, accumulation, lora, records,
+                      val_records, model, tokenizer, started)
     except KeyboardInterrupt:
-        kept = list_checkpoints(folder.path)
-        _say(f"interrupted; {kept[-1]} is kept: run the same command with --resume to continue from it" if kept
-             else "interrupted before the first checkpoint (--save-every N keeps progress); a rerun starts over")
-        folder.release(failed=True)
+        if folder is not None:
+            kept = list_checkpoints(folder.path)
+            _say(f"interrupted; {kept[-1]} is kept: run the same command with --resume to continue from it" if kept
+                 else "interrupted before the first checkpoint (--save-every N keeps progress); a rerun starts over")
+            folder.release(failed=True)
         raise
     except BaseException:
-        folder.release(failed=True)
+        if folder is not None:
+            folder.release(failed=True)
         raise
-    folder.release()
+    world.barrier()  # every rank is done before rank 0 gives the folder back
+    if folder is not None:
+        folder.release()
     return result
 
 
-def _run(config: TrainConfig, folder: RunFolder, lora: LoraConfig, records: list, val_records: list,
-         model: nn.Module | None, tokenizer: Any, started: float) -> TrainResult:
-    output_dir = folder.path
+def _run(config: TrainConfig, world: World, output_dir: Path, resume_from: Path | None, accumulation: int,
+         lora: LoraConfig, records: list, val_records: list, model: nn.Module | None, tokenizer: Any,
+         started: float) -> TrainResult:
     torch.manual_seed(config.seed)
     if model is None or tokenizer is None:
         from lorakit.hf import load_model
 
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+        device_name = str(world.device) if world.distributed else config.device
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=device_name)
+    if world.distributed:
+        model.to(world.device)
     device = next(model.parameters()).device
 
     train_set, val_set, pairs = _datasets(config, tokenizer, records, val_records)
@@ -111,53 +129,72 @@ def _run(config: TrainConfig, folder: RunFolder, lora: LoraConfig, records: list
     fuse_gated_mlps(model)  # same values, less kept for backward
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # type: ignore[operator]
-    _announce(model, config, train_set)
+    if world.is_main:
+        _announce(model, config, train_set)
+    wrapped = wrap(model, world)  # the loss module, under DDP or FSDP2 when distributed
+    if world.distributed:
+        _say(f"{world.strategy} on {world.world_size} ranks ({world.device.type}): {config.batch_size} rows x "
+             f"{accumulation} micro-batch(es) x {world.world_size} ranks = {config.global_batch(world.world_size)} "
+             "rows per step")
+    if world.strategy == "fsdp":
+        local, whole = base_bytes(model)
+        _say(f"base weights per rank: {local / 2**30:.3f} GiB (of {whole / 2**30:.3f}; {local:,d} of {whole:,d} bytes)")
+    # Evaluation and generation run on every rank alike: under FSDP2 every forward gathers weights.
+    evaluated: Any = wrapped if world.strategy == "fsdp" else model
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = _optimizer(config, params)
-    per_epoch = math.ceil(steps_per_epoch(len(train_set), config.batch_size) / config.grad_accum)
+    per_epoch = math.ceil(steps_per_epoch(len(train_set), config.batch_size, world.world_size) / accumulation)
     total_steps = config.max_steps or config.epochs * per_epoch
     scheduler = warmup_cosine(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
 
     step, position = 0, DataPosition()
-    if folder.resume_from is not None:
-        restored = load_checkpoint(folder.resume_from, model, optimizer, scheduler)
+    if resume_from is not None:
+        restored = load_checkpoint(resume_from, model, optimizer, scheduler, world)
         step, position = restored.step, DataPosition.from_dict(restored.data_position)
         _say(f"resumed from {restored.path} (step {step})")
-    metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=step if folder.resume_from else None,
-                         say=_say)
+    metrics = (MetricsLog(output_dir / "metrics.jsonl", resume_step=step if resume_from else None, say=_say)
+               if world.is_main else None)
 
     micro_batches = batches(train_set, config.batch_size, seed=config.seed, start=position,
-                            epochs=None if config.max_steps else config.epochs)
+                            epochs=None if config.max_steps else config.epochs, rank=world.rank,
+                            world_size=world.world_size)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not config.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
+               disable=not config.progress or not world.is_main, dynamic_ncols=True)
     # A run resumed at its last step trains no more: its loss is the last one recorded.
-    train_loss = next((e["loss"] for e in reversed(metrics.events()) if e.get("kind") == "train"), float("nan"))
+    events = metrics.events() if metrics is not None else []
+    train_loss = next((e["loss"] for e in reversed(events) if e.get("kind") == "train"), float("nan"))
     val_loss: float | None = None
     while step < total_steps:
-        window = [b.to(device) for b in _take(micro_batches, config.grad_accum)]
+        # Every rank gets the same number of micro-batches (the sampler sees to it).
+        window = [b.to(device) for b in _take(micro_batches, accumulation)]
         if not window:
             break  # the data ran out (epochs done)
         tick = time.perf_counter()
-        label_tokens = sum(b.num_label_tokens for b in window)
+        # The step's label tokens over all ranks and micro-batches: each micro-loss is a share of
+        # the global token mean, so ranks with more padding do not weigh more (parallel.py).
+        label_tokens = int(world.sum(sum(b.num_label_tokens for b in window)))
         loss_value = 0.0
-        for batch in window:
-            with autocast:
-                # num_items_in_batch makes each micro-loss a share of the window's token mean,
-                # so accumulation gives exactly the loss of one big batch.
-                loss = causal_lm_loss(model, batch.inputs, num_items=label_tokens)
+        for index, batch in enumerate(window):
+            # Gradients are reduced over the ranks once per step, after the last micro-batch.
+            with no_sync(wrapped, skip=index < len(window) - 1), autocast:
+                loss = wrapped(batch.inputs, num_items=label_tokens)
             loss.backward()
             loss_value += float(loss.detach())
+        loss_value = world.sum(loss_value)  # the same value, and the same decision below, on every rank
         if not math.isfinite(loss_value):
             kept = list_checkpoints(output_dir)
             raise TrainingDiverged(
                 f"loss became {loss_value} at step {step + 1}; stopped. Last good checkpoint: "
                 f"{kept[-1] if kept else 'none (set save_every)'}. Try a lower learning rate.")
+        extra = {}
         if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            # The norm of the global gradient (FSDP2: a DTensor reduced over the shards).
+            norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            extra["grad_norm"] = float(full_tensor(norm))
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
@@ -165,35 +202,51 @@ def _run(config: TrainConfig, folder: RunFolder, lora: LoraConfig, records: list
         step += 1
         train_loss = loss_value
         seconds = time.perf_counter() - tick
-        tokens = sum(int(b.inputs["input_ids"].numel()) for b in window)
-        metrics.write(kind="train", step=step, loss=loss_value, lr=lr, tokens_per_s=tokens / seconds,
-                      seconds=seconds)
+        tokens = int(world.sum(sum(int(b.inputs["input_ids"].numel()) for b in window)))
+        if metrics is not None:
+            metrics.write(kind="train", step=step, loss=loss_value, lr=lr, tokens_per_s=tokens / seconds,
+                          seconds=seconds, **extra)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
         bar.update(1)
         if val_set is not None and config.eval_every and step % config.eval_every == 0:
-            val_loss = evaluation_loss(model, val_set, config.batch_size, device)
-            metrics.write(kind="eval", step=step, val_loss=val_loss)
-            bar.write(f"step {step}: validation loss {val_loss:.4f}")
+            val_loss = evaluation_loss(evaluated, val_set, config.batch_size, device)
+            if metrics is not None:
+                metrics.write(kind="eval", step=step, val_loss=val_loss)
+                bar.write(f"step {step}: validation loss {val_loss:.4f}")
         if config.save_every and step % config.save_every == 0:
             save_checkpoint(output_dir, step, model, optimizer, scheduler, window[-1].position.to_dict(),
-                            ADAPTER_NAME, config.keep_last, settings=run_settings(config))
+                            ADAPTER_NAME, config.keep_last, settings=run_settings(config, world.world_size),
+                            world=world)
     bar.close()
 
     if val_set is not None and (val_loss is None or not config.eval_every or step % config.eval_every):
-        val_loss = evaluation_loss(model, val_set, config.batch_size, device)
-        metrics.write(kind="eval", step=step, val_loss=val_loss)
+        val_loss = evaluation_loss(evaluated, val_set, config.batch_size, device)
+        if metrics is not None:
+            metrics.write(kind="eval", step=step, val_loss=val_loss)
     match = None
     if pairs:
-        match = exact_match_score(model, tokenizer, pairs, config.max_new_tokens)
-        metrics.write(kind="exact_match", step=step, exact_match=match.score, n=len(pairs))
-    from lorakit.core.io import save_adapter
-
+        match = exact_match_score(evaluated, tokenizer, pairs, config.max_new_tokens)
+        if metrics is not None:
+            metrics.write(kind="exact_match", step=step, exact_match=match.score, n=len(pairs))
     adapter_dir = output_dir / "adapter"
-    save_adapter(model, adapter_dir, name=ADAPTER_NAME)
-    plot_path = plot_losses(metrics.events(), output_dir / "loss.png")
-    return TrainResult(adapter_dir=adapter_dir, metrics_path=metrics.path, plot_path=plot_path, steps=step,
+    metrics_path = output_dir / "metrics.jsonl"
+    plot_path = output_dir / "loss.png"
+    _save_adapter(model, adapter_dir, world)
+    if metrics is not None:
+        plot_path = plot_losses(metrics.events(), plot_path)
+    return TrainResult(adapter_dir=adapter_dir, metrics_path=metrics_path, plot_path=plot_path, steps=step,
                        train_loss=train_loss, val_loss=val_loss, exact_match=match,
                        seconds=time.perf_counter() - started)
+
+
+def _save_adapter(model: nn.Module, folder: Path, world: World) -> None:
+    """Rank 0 writes the whole adapter (under FSDP2 every rank first helps gather its shards)."""
+    from lorakit.core.io import save_adapter
+
+    whole = {n: full_tensor(p) for n, p in model.named_parameters() if p.requires_grad}
+    if world.is_main:
+        with whole_trainables(model, whole):
+            save_adapter(model, folder, name=ADAPTER_NAME)
 
 
 def _records(config: TrainConfig) -> tuple[list, list]:

@@ -29,11 +29,15 @@ RUN_FILE = "run.json"
 # What a run writes; --overwrite deletes exactly these (other files in the folder stay).
 RUN_OUTPUTS = ("adapter", "metrics.jsonl", "loss.png", RUN_FILE)
 # Settings a checkpoint must share with the run that resumes it: they shape the adapter and the
-# optimizer state (r, targets, ...) or decide which examples come next (data, batch size, seed, ...).
+# optimizer state (r, targets, ...) or decide which examples come next (data, global batch, seed, ...).
+# The global batch (rows per optimizer step over all ranks) is compared, not its factors: 2 ranks x
+# batch 4 resumes as 1 rank x batch 8 or x batch 4 x accumulation 2, and continues exactly.
 RESUME_SETTINGS = ("model", "quantize", "r", "alpha", "dropout", "targets", "use_rslora", "share_dropout_mask",
                    "optimizer",
                    "data", "val_data", "val_fraction", "format", "max_length", "pack", "train_on_prompt",
-                   "batch_size", "grad_accum", "seed")
+                   "global_batch", "seed")
+# Recorded too, for people reading run.json, but free to change on resume.
+RECORDED_ONLY = ("batch_size", "grad_accum", "world_size")
 
 
 @dataclass
@@ -59,14 +63,16 @@ class RunFolder:
             self.path.rmdir()
 
 
-def run_settings(config: TrainConfig) -> dict[str, Any]:
-    """The settings a checkpoint records, as JSON values."""
-    values = config.to_dict()
-    return json.loads(json.dumps({key: values[key] for key in RESUME_SETTINGS}))
+def run_settings(config: TrainConfig, world_size: int = 1) -> dict[str, Any]:
+    """The settings a checkpoint records, as JSON values, for a run on `world_size` ranks."""
+    values = {**config.to_dict(), "global_batch": config.global_batch(world_size), "world_size": world_size}
+    return json.loads(json.dumps({key: values[key] for key in RESUME_SETTINGS + RECORDED_ONLY}))
 
 
-def claim_run_folder(config: TrainConfig, say: Callable[[str], None]) -> RunFolder:
-    """Take `config.output_dir` for this run (see the module's docstring).
+def claim_run_folder(config: TrainConfig, say: Callable[[str], None], world_size: int = 1) -> RunFolder:
+    """Take `config.output_dir` for this run on `world_size` ranks (see the module's docstring).
+
+    Only one process claims the folder: in a distributed run, rank 0.
 
     Raises:
         ValueError: the path is a file or cannot be created; the folder holds another run and
@@ -96,8 +102,8 @@ def claim_run_folder(config: TrainConfig, say: Callable[[str], None]) -> RunFold
             say(note)
         for temp in remove_stale_temps(path):
             say(f"removed {temp.name}, left by an interrupted write")
-        folder.resume_from = _settle_previous_run(path, config, say)
-        _write_json(path / RUN_FILE, {"settings": run_settings(config), "pid": os.getpid()})
+        folder.resume_from = _settle_previous_run(path, config, say, world_size)
+        _write_json(path / RUN_FILE, {"settings": run_settings(config, world_size), "pid": os.getpid()})
     except BaseException:
         folder.release(failed=True)
         raise
@@ -110,7 +116,8 @@ def previous_run_outputs(path: Path) -> list[Path]:
     return found + sorted(path.glob("checkpoint-*"))
 
 
-def _settle_previous_run(path: Path, config: TrainConfig, say: Callable[[str], None]) -> Path | None:
+def _settle_previous_run(path: Path, config: TrainConfig, say: Callable[[str], None],
+                         world_size: int) -> Path | None:
     found = previous_run_outputs(path)
     if config.overwrite:
         for item in found:
@@ -124,7 +131,7 @@ def _settle_previous_run(path: Path, config: TrainConfig, say: Callable[[str], N
         recorded = read_settings(source) if checkpoints else _read_run_settings(path / RUN_FILE)
         if recorded is None and checkpoints:
             say(f"{source.name} records no settings (written by an older lorakit); they are not checked")
-        differences = _differences(recorded or {}, run_settings(config))
+        differences = _differences(recorded or {}, run_settings(config, world_size))
         if differences:
             raise ValueError(f"cannot resume the run in {path}: " + "; ".join(
                 f"{source.name} has {key}={old!r}, this run asks {key}={new!r}" for key, old, new in differences)
@@ -139,6 +146,9 @@ def _settle_previous_run(path: Path, config: TrainConfig, say: Callable[[str], N
 
 
 def _differences(recorded: dict[str, Any], asked: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    if "global_batch" not in recorded and "batch_size" in recorded and "grad_accum" in recorded:
+        # Written before runs had several ranks: one process.
+        recorded = {**recorded, "global_batch": recorded["batch_size"] * recorded["grad_accum"]}
     return [(key, recorded[key], asked[key]) for key in RESUME_SETTINGS
             if key in recorded and recorded[key] != asked[key]]
 

@@ -1,0 +1,66 @@
+"""`lorakit train --nproc 2`: the command re-launches itself under torchrun; rank 0 alone prints and writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorakit.cli.main import main
+from tests.train.helpers import tiny_model_and_tokenizer, write_data
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model, tokenizer = tiny_model_and_tokenizer()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_nproc_starts_the_ranks_under_torchrun(model_dir, tmp_path):
+    data = write_data(tmp_path)
+    command = [sys.executable, "-m", "lorakit", "train", "--nproc", "2", "--model", str(model_dir),
+               "--data", str(data), "--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--r", "2",
+               "--batch-size", "2", "--global-batch-size", "8", "--max-length", "32", "--save-every", "2",
+               "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("ddp on 2 ranks (cpu): 2 rows x 2 micro-batch(es) x 2 ranks = 8 rows per step") == 1
+    assert done.stdout.count("trained 2 steps") == 1  # rank 0 alone reports
+    out = tmp_path / "out"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+    assert (out / "metrics.jsonl").read_text().count('"kind": "train"') == 2
+
+
+def test_a_global_batch_that_does_not_split_over_nproc_is_one_line_before_any_process(tmp_path, capsys):
+    data = write_data(tmp_path)
+    code = main(["train", "--nproc", "2", "--data", str(data), "--batch-size", "4", "--global-batch-size", "12",
+                 "--output-dir", str(tmp_path / "out")])
+    assert code == 1
+    error = capsys.readouterr().err.strip()
+    assert error == ("lorakit train: error: global_batch_size=12 does not split over 2 rank(s) x batch_size 4: "
+                     "give a multiple of 8, or change batch_size")
+
+
+def test_the_distributed_section_of_a_yaml_file_and_the_flags_meet(tmp_path):
+    from lorakit.cli.main import build_parser
+    from lorakit.cli.train_cmd import command_line, settings
+
+    config = tmp_path / "run.yaml"
+    config.write_text("data: x.jsonl\ndistributed:\n  strategy: fsdp\n  backend: gloo\n")
+    args = build_parser().parse_args(["train", "--config", str(config), "--nproc", "4", "--r", "8", "--pack"])
+    values = settings(args)
+    assert values["distributed"] == {"strategy": "fsdp", "backend": "gloo", "nproc": 4}
+    assert command_line(args) == ["train", "--config", str(config), "--pack", "--r", "8", "--nproc", "4"]
+    with pytest.raises(ValueError, match="unknown distributed setting.*stratgy; known: strategy, nproc"):
+        from lorakit.train import TrainConfig
+
+        TrainConfig.from_dict({"data": "x", "distributed": {"stratgy": "ddp"}})
