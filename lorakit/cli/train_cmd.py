@@ -49,6 +49,8 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--dropout", "dropout", float, "dropout on the adapter input"),
     ("--targets", "targets", str, "all-linear, a regex, or comma-separated module names (q_proj,v_proj)"),
     ("--rslora", "use_rslora", bool, "scale by alpha / sqrt(r)"),
+    ("--separate-dropout-masks", "share_dropout_mask", "off", "each module draws its own dropout mask, as PEFT "
+                                                             "does (default: q/k/v and gate/up share one)"),
     ("--quantize", "quantize", str, "nf4: train on a 4-bit frozen base (QLoRA)"),
     ("--lr", "learning_rate", float, "peak learning rate"),
     ("--warmup-steps", "warmup_steps", int, "linear warm-up steps"),

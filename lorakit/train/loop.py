@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.core.adapters import trainable_parameters
+from lorakit.core.adapters import trainable_parameters_line
 from lorakit.core.config import LoraConfig
 from lorakit.core.inject import add_adapter
 from lorakit.data import (
@@ -290,8 +290,7 @@ def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.O
 def _announce(model: nn.Module, config: TrainConfig, train_set: TokenizedDataset) -> None:
     from lorakit.hf.estimate import estimate_for_model
 
-    trainable, total = trainable_parameters(model)
-    _say(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    _say(trainable_parameters_line(model))
     estimate = estimate_for_model(model, batch_size=config.batch_size, seq_len=config.max_length,
                                   gradient_checkpointing=config.gradient_checkpointing)
     _say(f"estimated memory: {estimate.summary()}")

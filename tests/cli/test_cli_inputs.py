@@ -189,3 +189,10 @@ def test_sigterm_ends_a_run_like_ctrl_c(model_dir, tmp_path):
     assert process.returncode == 130, output
     assert "run the same command with --resume" in output
     assert not (out / ".lock").exists()
+
+
+def test_separate_dropout_masks_flag(model_dir, tmp_path):
+    data = write_data(tmp_path)
+    assert main(train_args(model_dir, data, tmp_path / "out", "--separate-dropout-masks")) == 0
+    settings = json.loads((tmp_path / "out" / "run.json").read_text())["settings"]
+    assert settings["share_dropout_mask"] is False
