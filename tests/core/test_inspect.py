@@ -1,15 +1,14 @@
 """`lorakit inspect` runs the loader's checks: what load_adapter refuses, inspect shows as a problem."""
 
-import json
 import re
 
 import pytest
-from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, add_adapter
 from lorakit.cli.main import main
 from lorakit.core.inspect_adapter import describe_adapter, inspect_adapter
 from lorakit.core.io import load_adapter, save_adapter
+from tests.core.test_io import edit_config, edit_tensors
 from tests.models import tiny_llama
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -20,18 +19,6 @@ def adapter(tmp_path):
     model = tiny_llama()
     add_adapter(model, LoraConfig(r=2, alpha=4, targets=["q_proj", "v_proj"]))
     return save_adapter(model, tmp_path / "adapter")
-
-
-def edit_config(folder, **changes):
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config.update(changes)
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-
-
-def edit_tensors(folder, change):
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
-    change(tensors)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
 
 
 def test_a_sound_adapter_has_no_problems(adapter, capsys):
