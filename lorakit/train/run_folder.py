@@ -110,7 +110,7 @@ def claim_run_folder(config: TrainConfig, say: Callable[[str], None], world_size
     return folder
 
 
-def previous_run_outputs(path: Path) -> list[Path]:
+def _previous_run_outputs(path: Path) -> list[Path]:
     """What an earlier run left in `path`: its adapter, checkpoints, metrics, plot and settings."""
     found = [path / name for name in RUN_OUTPUTS if (path / name).exists()]
     return found + sorted(path.glob("checkpoint-*"))
@@ -118,7 +118,7 @@ def previous_run_outputs(path: Path) -> list[Path]:
 
 def _settle_previous_run(path: Path, config: TrainConfig, say: Callable[[str], None],
                          world_size: int) -> Path | None:
-    found = previous_run_outputs(path)
+    found = _previous_run_outputs(path)
     if config.overwrite:
         for item in found:
             shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
