@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lorakit.core.rows import RowAdapters, add_rows
+from lorakit.core.rows import RowAdapters, add_rows, gather_rows
 
 SUPPORTED_MODULES = "nn.Linear, transformers' Conv1D, nn.Embedding and lorakit's NF4Linear"
 
@@ -167,11 +167,21 @@ class LoraLayer(nn.Module):
         assert self.row_adapters is not None
         # Without autograd the base output is ours to update in place, saving a copy per adapter.
         in_place = not result.requires_grad
-        for name, rows in self.row_adapters.groups(x.shape[0], self.path):
+        groups = self.row_adapters.groups(x.shape[0], self.path)
+        names = self.row_adapters.names
+        factors = self.row_factors(names) if len(groups) > 1 else None
+        if factors is not None and any(f is not None for f in factors):  # two batched matmuls (rows.py)
+            return gather_rows(x, result, factors, [self.scaling.get(n or "", 0.0) for n in names], in_place)
+        for name, rows in groups:
             if name in self.scaling:
                 update, scale = self.update(name, x if rows is None else x.index_select(0, rows))
                 result = add_rows(result, rows, update.to(result.dtype), scale, in_place)
         return result
+
+    def row_factors(self, names: Sequence[str | None]) -> list[tuple[torch.Tensor, torch.Tensor] | None] | None:
+        """Per row, the (A, B) that `gather_rows` stacks (None for a row whose adapter is not here), or
+        None when this kind computes its rows through `update` one adapter at a time (the default)."""
+        return None
 
     def original(self) -> nn.Module:
         """The module this layer stands for: its base."""

@@ -8,6 +8,7 @@ and how forward computes h = W0 x + s * B A dropout(x). State-dict keys read
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -151,6 +152,14 @@ class LoraLinear(LoraLayer):
         """Adapter `name`'s dropout probability now: 0 in eval mode or without dropout."""
         dropout = self.lora_dropout[name]
         return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+    def row_factors(self, names: Sequence[str | None]) -> list[tuple[torch.Tensor, torch.Tensor] | None] | None:
+        """Per row, its adapter's (A, B) for the batched per-row path; None (one adapter at a time)
+        when a row's adapter has live dropout, whose mask `update` draws per adapter."""
+        held = [n if n in self.scaling else None for n in names]
+        if any(n is not None and self.dropout_p(n) > 0 for n in set(held)):
+            return None
+        return [None if n is None else self.factors(n) for n in held]
 
     def update(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(B A dropout(x), s) for rows that run adapter `name` (adapters_per_row)."""

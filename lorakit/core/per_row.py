@@ -1,10 +1,12 @@
 """Per-row adapters: one batch where each row runs its own adapter (or none), in one forward.
 
 A server holding one base model and many adapters can then answer requests for different
-adapters together. Rows are grouped by adapter; each LoRA layer gathers a group's rows
-(index_select), runs that adapter's B A on them only, and adds the result back at the same rows
-(index_add). The Python loop runs over the distinct adapters, never over rows, and the base
-weight is used once for the whole batch.
+adapters together. The base weight is used once for the whole batch. A linear layer whose rows
+use several adapters gathers each row's A and B into stacks and runs two batched matmuls
+(`rows.gather_rows`, the BGMV scheme of Punica, S-LoRA and vLLM), however many adapters the
+rows use. Otherwise (one adapter for the batch, embeddings, live dropout) rows are grouped by
+adapter: the layer gathers a group's rows (index_select), runs that adapter's B A on them only,
+and adds the result back at the same rows (index_add), looping over distinct adapters.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """Per-row adapters: one batch, each row with its own adapter, equal to running each row alone."""
 
+import contextlib
+
 import pytest
 import torch
 
 import lorakit
 from lorakit import LoraConfig, add_adapter, disable_adapters, set_adapter
 from lorakit.core.per_row import adapters_per_row
+from lorakit.core.rows import RowAdapters
 from tests.models import logits, randomize_adapters, tiny_bert, tiny_llama, tokens
 
 
@@ -120,3 +123,69 @@ def test_clear_errors():
     lorakit.merge(model)
     with pytest.raises(ValueError, match="merged.*unmerge"), adapters_per_row(model, ["a"]):
         pass
+
+
+def stacked_layer():
+    """A float64 linear holding three adapters of different ranks and scales, all trainable."""
+    from lorakit import LoraLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(torch.nn.Linear(8, 6).double(), r=2, alpha=3.0, name="a")
+    layer.add("b", r=4, scale=0.5, init="random")
+    layer.add("c", r=3, scale=2.0, init="random")
+    torch.nn.init.normal_(layer.b("a").weight)
+    for param in layer.parameters():
+        param.requires_grad_(True)
+    return layer
+
+
+@contextlib.contextmanager
+def plan(layer, rows):
+    """A standalone layer holds no model registry: give it the per-row plan adapters_per_row would."""
+    layer.row_adapters = RowAdapters(rows, torch.device("cpu"))
+    try:
+        yield
+    finally:
+        layer.row_adapters = None
+
+
+def test_gathered_rows_equal_the_float64_formula_with_gradients():
+    layer = stacked_layer()
+    rows = ["b", "a", None, "c", "b"]
+    x = torch.randn(5, 3, 8, dtype=torch.float64, requires_grad=True)
+    with plan(layer, rows):
+        y = layer(x)
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    got = {n: p.grad.clone() for n, p in layer.named_parameters()}, x.grad.clone()
+    layer.zero_grad()
+    x.grad = None
+    # The reference: each row's formula written out, W0 x + s B A x.
+    reference = []
+    for i, name in enumerate(rows):
+        h = layer.base(x[i])
+        if name is not None:
+            a, b = layer.factors(name)
+            h = h + layer.scaling[name] * (x[i] @ a.T) @ b.T
+        reference.append(h)
+    expected = torch.stack(reference)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1], x.grad, rtol=0, atol=1e-12)
+    for name, param in layer.named_parameters():
+        torch.testing.assert_close(got[0][name], param.grad, rtol=0, atol=1e-12, msg=name)
+    assert got[0]["lora_A.c.weight"].abs().sum() > 0
+
+
+def test_gathered_rows_in_place_without_autograd_and_dropout_falls_back():
+    layer = stacked_layer()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    rows = ["a", "c", "b", "a"]
+    with torch.no_grad():
+        expected = torch.cat([layer.base(x[i:i + 1]) + layer.scaling[n] * (x[i:i + 1] @ layer.factors(n)[0].T)
+                              @ layer.factors(n)[1].T for i, n in enumerate(rows)])
+        with plan(layer, rows):
+            torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+    assert layer.row_factors(rows) is not None
+    layer.lora_dropout["c"] = torch.nn.Dropout(0.5).train()  # a live mask is drawn per adapter: the loop runs
+    assert layer.row_factors(rows) is None and layer.row_factors(["a", "b"]) is not None
