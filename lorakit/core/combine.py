@@ -48,7 +48,7 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
 
     Raises:
         ValueError: an unknown adapter or method, a taken name, empty weights, adapters with
-            modules_to_save, "linear" with unequal ranks or modules, or svd_rank < 1.
+            modules_to_save or DoRA, "linear" with unequal ranks or modules, or svd_rank < 1.
     """
     _check(model, weights, name, method, svd_rank)
     layers = [layer for layer in lora_layers(model) if any(n in layer.scaling for n in weights)]
@@ -97,6 +97,10 @@ def _check(model: nn.Module, weights: Mapping[str, float], name: str, method: st
     if with_copies:
         raise ValueError(f"adapters {with_copies} train modules in full (modules_to_save), which cannot be "
                          "combined; combine adapters without modules_to_save")
+    with_dora = [n for n in weights if adapter_configs(model)[n].use_dora]
+    if with_dora:
+        raise ValueError(f"adapters {with_dora} use DoRA, whose magnitude rescales the base weight per row, so their "
+                         "deltas do not add up as B A products; combine plain LoRA adapters only")
     if method == "svd" and svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
         raise ValueError(f"svd_rank must be an integer >= 1, got {svd_rank!r}")
     if method == "linear" and math.isclose(sum(weights.values()), 0.0, abs_tol=1e-12):

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian", "zeros", "random")
+SVD_INITS = ("pissa", "pissa_niter_N", "olora")
+"""Inits that take A and B from the base weight and leave the residual W - s B A in the base."""
 ALL_LINEAR = "all-linear"
 _REGEX_CHARS = set("\\^$.|?*+()[]{}")
 
@@ -69,6 +71,10 @@ class LoraConfig:
     """A's initialisation: "kaiming" (uniform, a=sqrt(5), the reference), "gaussian" (std 1/r); B starts
     at zero for both, so a fresh adapter changes nothing. "zeros" makes A and B zero (a placeholder to
     load weights into), "random" makes B random too (a non-identity adapter, for tests)."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA): each adapted row also learns a magnitude m (out,), and the layer
+    computes (m / ||W + s B A||_row) (W x + s B A x) + bias, the norm detached (core/dora.py). Linear,
+    Conv1D and 4-bit bases; not embeddings. Saved as PEFT's `lora_magnitude_vector`."""
     modules_to_save: Sequence[str] | None = None
     """Modules (suffixes) trained in full beside the adapter, e.g. a classification head."""
     share_dropout_mask: bool = True
@@ -103,8 +109,11 @@ class LoraConfig:
             problems.append(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
         if not isinstance(self.share_dropout_mask, bool):
             problems.append(f"share_dropout_mask must be True or False, got {self.share_dropout_mask!r}")
-        if self.init not in INIT_MODES:
-            problems.append(f"init must be one of {', '.join(INIT_MODES)}, got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            problems.append(f"use_dora must be True or False, got {self.use_dora!r}")
+        if not is_init(self.init):
+            problems.append(f"init must be one of {', '.join(INIT_MODES + SVD_INITS)} (N an integer >= 1, e.g. "
+                            f"pissa_niter_4), got {self.init!r}")
         problems += _pattern_problems("targets", self.targets, allow_none=False)
         problems += _pattern_problems("exclude", self.exclude, allow_none=True)
         problems += _pattern_problems("modules_to_save", self.modules_to_save, allow_none=True)
@@ -136,6 +145,14 @@ class LoraConfig:
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA, for the module at `path`."""
         rank = self.rank_for(path)
         return self.alpha_for(path) / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def is_init(init: object) -> bool:
+    """Whether `init` names an initialisation: INIT_MODES, "pissa", "pissa_niter_N" (N >= 1) or "olora"."""
+    if not isinstance(init, str):
+        return False
+    niter = re.fullmatch(r"pissa_niter_(\d+)", init)
+    return init in INIT_MODES or init in ("pissa", "olora") or (niter is not None and int(niter.group(1)) >= 1)
 
 
 def _pattern_key(patterns: Mapping[str, object], path: str) -> str | None:

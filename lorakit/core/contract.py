@@ -9,9 +9,10 @@ so that the adapter adds
 
 Which adapters run is the list `active_adapters`; which are folded into the base weight is
 `merged_adapters` (kept in merge order); `disabled` makes the layer compute its base alone.
-Nothing here changes state behind the caller's back. A new kind (DoRA next) is one new subclass:
-`add`, `factors`, `_drop` and `forward`. The kinds, LoraLinear and LoraEmbedding, are in
-layers.py; docs/layers.md is the tour.
+Nothing here changes state behind the caller's back. A new kind is one new subclass: `add`,
+`factors`, `_drop` and `forward`. A variant of an adapter (DoRA) is not a kind: it is a property of
+the adapter on the same layer, with its extra tensors in `adapter_parameters` and `peft_state`.
+The kinds, LoraLinear and LoraEmbedding, are in layers.py; docs/layers.md is the tour.
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ class LoraLayer(nn.Module):
     # --- what each kind provides -----------------------------------------------------------------
 
     def add(self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming",
-            share_dropout_mask: bool = True) -> None:
-        """Create adapter `name` of rank r and scale s (it does not become active by itself)."""
+            share_dropout_mask: bool = True, use_dora: bool = False) -> None:
+        """Create adapter `name` of rank r and scale s (it does not become active by itself); `use_dora`
+        gives it a DoRA magnitude (core/dora.py), on the kinds that support it."""
         raise NotImplementedError
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +147,7 @@ class LoraLayer(nn.Module):
         """Run the held adapters among `names` (in that order) and train exactly those."""
         self.active_adapters = [n for n in names if n in self.scaling]
         for held in self.scaling:
-            for param in self.factors(held):
+            for param in self.adapter_parameters(held):
                 param.requires_grad_(held in names)
 
     def delete(self, name: str) -> None:
@@ -183,6 +185,10 @@ class LoraLayer(nn.Module):
         None when this kind computes its rows through `update` one adapter at a time (the default)."""
         return None
 
+    def adapter_parameters(self, name: str) -> list[torch.Tensor]:
+        """Every tensor adapter `name` trains: A and B, plus what a variant adds (DoRA's magnitude)."""
+        return list(self.factors(name))
+
     def original(self) -> nn.Module:
         """The module this layer stands for: its base."""
         return self.base
@@ -218,6 +224,20 @@ class LoraLayer(nn.Module):
         """The adapters among `names` that this layer holds and has not merged yet."""
         return [n for n in names if n in self.scaling and n not in self.merged_adapters]
 
+    def merges_first(self, name: str) -> bool:
+        """Whether adapter `name` can only be merged into the unmerged weight W0 (DoRA: g (W0 + s B A))."""
+        return False
+
+    def check_merge_order(self, names: Sequence[str]) -> None:
+        """Refuse (ValueError) merging `names` in this order when one of them needs W0 but would follow
+        another merged adapter."""
+        for index, name in enumerate(names):
+            if self.merges_first(name) and (self.merged_adapters or index > 0):
+                before = [*self.merged_adapters, *names[:index]]
+                raise ValueError(f"adapter {name!r} uses DoRA, whose merged weight needs the unmerged base weight, "
+                                 f"but {', '.join(map(repr, before))} would be merged into {self.path!r} before it; "
+                                 "merge the DoRA adapter first (unmerge() undoes every merge)")
+
     def check_merge(self, names: Sequence[str]) -> None:
         """Refuse (ValueError) when W0 + delta of an adapter among `names` has an inf or NaN."""
         weight = self._base_weight()
@@ -252,6 +272,7 @@ class LoraLayer(nn.Module):
             return
         if not self.mergeable:
             raise ValueError(f"cannot merge into the 4-bit base of {self.path!r} in place")
+        self.check_merge_order(pending)
         if safe:
             self.check_merge(pending)
         for name in pending:  # one at a time, in order, as unmerge undoes them

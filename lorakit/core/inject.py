@@ -43,6 +43,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> 
     refuse_merged(model, "before adding another adapter")
     targets = find_targets(model, config)
     _check_ranks(targets, config)
+    _check_dora(targets, config)
     save_paths = _modules_to_save(model, config)
 
     # Everything is validated above: from here on the model changes and nothing raises.
@@ -53,7 +54,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> 
         elif layer is not module:
             model = layer  # the model is itself the one target: its layer stands in for it
         layer.add(name, config.rank_for(path), config.scale_for(path), config.dropout, config.init,
-                  config.share_dropout_mask)
+                  config.share_dropout_mask, config.use_dora)
     for path in save_paths:
         holder = model.get_submodule(path)
         if not isinstance(holder, ModulesToSave):
@@ -157,6 +158,13 @@ def _check_ranks(targets: list[tuple[str, nn.Module]], config: LoraConfig) -> No
             too_big.append(f"{path} ({layer_in} -> {layer_out}): r={rank} > {min(layer_in, layer_out)}")
     if too_big:
         raise ValueError("r must not exceed min(in, out) of the module:\n  " + "\n  ".join(too_big))
+
+
+def _check_dora(targets: list[tuple[str, nn.Module]], config: LoraConfig) -> None:
+    embeddings = [path for path, module in targets if base_kind(unwrapped(module)) not in LINEAR_KINDS]
+    if config.use_dora and embeddings:
+        raise ValueError(f"DoRA (use_dora) works on linear layers (nn.Linear, Conv1D, NF4Linear), not on the "
+                         f"embedding(s) {', '.join(embeddings[:3])}; leave them out of targets, or use plain LoRA")
 
 
 def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:

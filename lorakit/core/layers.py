@@ -24,11 +24,14 @@ from lorakit.core.contract import (
     in_out,
     init_factors,
 )
+from lorakit.core.dora import Magnitude, dora_delta, dora_output, row_norm, unmerged_weight
 from lorakit.core.lora_function import adapter_input, lora_linear, lora_update
 
 __all__ = ["SUPPORTED_MODULES", "LoraEmbedding", "LoraLayer", "LoraLinear", "base_kind", "in_out", "wrap"]
 
 LINEAR_KINDS = ("linear", "conv1d", "quantized")
+DORA_KEY = "lora_magnitude_vector"
+"""Where a DoRA adapter's magnitude m (out,) goes in a PEFT adapter file: `base_model.model.<path>.<key>`."""
 
 # The three computations LoraLinear.forward can run; `LoraLinear.path_for` picks one.
 FUSED, UPDATE, AUTOGRAD = "fused", "update", "autograd"
@@ -38,6 +41,8 @@ class LoraLinear(LoraLayer):
     """h = W0 x + sum over live adapters of s * B A dropout(x).   x: (..., in) -> h: (..., out)
 
     Wraps nn.Linear, transformers' Conv1D (weight stored in x out) and a 4-bit linear (NF4Linear).
+    An adapter added with `use_dora` also holds a magnitude m (out,) in `lora_magnitude_vector`
+    and scales the base output and its update per row (core/dora.py has the maths).
     Built by add_adapter, or on its own: `LoraLinear(nn.Linear(64, 32), r=8, alpha=16)` freezes the
     linear and holds one active, trainable adapter "default" (s = alpha / r).
     """
@@ -54,12 +59,16 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ModuleDict()  # name -> nn.Linear(r, out): B
         self.lora_dropout = nn.ModuleDict()  # name -> nn.Dropout(p), or nn.Identity without dropout
         self.shares_dropout_mask: dict[str, bool] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()  # name -> Magnitude (m: (out,)), DoRA adapters only
         if r is not None:
             self.start(name, r, alpha, dropout)
 
     def add(self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming",
-            share_dropout_mask: bool = True) -> None:
-        """Create adapter `name` of rank r; with init "kaiming" or "gaussian" it changes nothing yet."""
+            share_dropout_mask: bool = True, use_dora: bool = False) -> None:
+        """Create adapter `name` of rank r; with init "kaiming" or "gaussian" it changes nothing yet.
+
+        With `use_dora`, m starts as the row norms of W + s B A (of W while B = 0).
+        """
         device, dtype = base_device(self.base), adapter_dtype(self.base)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
@@ -68,6 +77,32 @@ class LoraLinear(LoraLayer):
         self.shares_dropout_mask[name] = share_dropout_mask
         self.scaling[name] = scale
         init_factors(self.a(name).weight, self.b(name).weight, init)
+        if use_dora:
+            self.start_magnitude(name)
+
+    def start_magnitude(self, name: str) -> None:
+        """Make adapter `name` a DoRA adapter (again): m = ||W + s B A||_row of the current W, A and B."""
+        a, b = self.factors(name)
+        magnitude = row_norm(self.weight_rows(), a, b, self.scaling[name]).to(a.dtype)
+        self.lora_magnitude_vector[name] = Magnitude(magnitude)
+
+    def uses_dora(self, name: str) -> bool:
+        """Whether adapter `name` is a DoRA adapter (holds a magnitude vector)."""
+        return name in self.lora_magnitude_vector
+
+    def magnitude(self, name: str) -> Magnitude:
+        """DoRA adapter `name`'s magnitude module (m is its `weight`)."""
+        return cast(Magnitude, self.lora_magnitude_vector[name])
+
+    def weight_rows(self) -> torch.Tensor:
+        """The base weight W as (out x in) (transposed for Conv1D, dequantized for a 4-bit base)."""
+        weight = self._base_weight()
+        return weight.T if self.weight_in_by_out else weight
+
+    def dora_norm(self, name: str) -> torch.Tensor:
+        """||W + s B A||_row of DoRA adapter `name`, detached: computed once per change of W, A or B."""
+        sources = [*self.base.parameters(recurse=False), *self.base.buffers(recurse=False)]
+        return self.magnitude(name).norm(self.weight_rows, *self.factors(name), self.scaling[name], sources)
 
     def a(self, name: str) -> nn.Linear:
         """Adapter `name`'s A projection (in -> r)."""
@@ -80,33 +115,67 @@ class LoraLinear(LoraLayer):
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.a(name).weight, self.b(name).weight
 
+    def adapter_parameters(self, name: str) -> list[torch.Tensor]:
+        return [*self.factors(name), *([self.magnitude(name).weight] if self.uses_dora(name) else [])]
+
+    def peft_state(self, name: str) -> dict[str, torch.Tensor]:
+        state = super().peft_state(name)
+        if self.uses_dora(name):
+            state[DORA_KEY] = self.magnitude(name).weight
+        return state
+
     def _drop(self, name: str) -> None:
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
             del store[name]
         del self.shares_dropout_mask[name]
+        if self.uses_dora(name):
+            del self.lora_magnitude_vector[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h = W0 x + sum over live adapters of s * B A dropout(x).   x: (..., in) -> h: (..., out)"""
         if self.disabled:
             return self.base(x)
         if self.row_adapters is not None:
+            self.refuse_dora([n for n in self.row_adapters.names if n is not None], "per-row adapters")
             return self.forward_rows(x, self.base(x))
         path = self.path_for(x.dtype, torch.is_autocast_enabled(x.device.type))
         live = self.live_adapters()
         if path == FUSED:  # the base and the one adapter in one autograd function (lora_function.py)
-            return lora_linear(x, *self.fused_arguments(live[0]), self.shares_dropout_mask[live[0]],
-                               reader=(id(self), live[0]))
-        h = self.base(x)  # W0 x: (..., out)
+            h = lora_linear(x, *self.fused_arguments(live[0]), self.shares_dropout_mask[live[0]],
+                            reader=(id(self), live[0]))
+            return self._dora(live[0], h) if self.uses_dora(live[0]) else h
+        h = base_out = self.base(x)  # W0 x + bias: (..., out)
         for name in live:
             a, b, s = *self.factors(name), self.scaling[name]  # A: (r, in), B: (out, r)
-            if path == UPDATE:  # h + s B A dropout(x) in one autograd function (lora_function.py)
-                h = lora_update(h, x, a, b, s, self.dropout_p(name), self.shares_dropout_mask[name],
+            # DoRA rescales W0 x + s B A x, its own update on the base output alone.
+            start = base_out if self.uses_dora(name) else h
+            if path == UPDATE:  # start + s B A dropout(x) in one autograd function (lora_function.py)
+                z = lora_update(start, x, a, b, s, self.dropout_p(name), self.shares_dropout_mask[name],
                                 reader=(id(self), name))
             else:  # the reference, in autograd ops; s on the rank side: an (..., r) multiply
                 x_in = adapter_input(x, a.dtype, self.lora_dropout[name], self.shares_dropout_mask[name],
                                      reader=(id(self), name))
-                h = h + self.b(name)(self.a(name)(x_in) * s).to(h.dtype)
+                z = start + self.b(name)(self.a(name)(x_in) * s).to(h.dtype)
+            if not self.uses_dora(name):
+                h = z
+            elif h is base_out:  # the first adapter: h is exactly its output
+                h = self._dora(name, z)
+            else:  # add what DoRA changes: (g - 1) W0 x + g s B A dropout(x)
+                h = h + (self._dora(name, z) - base_out)
         return h
+
+    def _dora(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        """g * z + (1 - g) * bias for z = W0 x + bias + s B A dropout(x), g = m / ||W0 + s B A||_row."""
+        bias = getattr(self.base, "bias", None)
+        return dora_output(z, self.magnitude(name).weight, self.dora_norm(name),
+                           bias if isinstance(bias, torch.Tensor) else None)
+
+    def refuse_dora(self, names: list[str], what: str) -> None:
+        """ValueError when an adapter among `names` uses DoRA, which `what` does not support."""
+        dora = sorted({n for n in names if self.uses_dora(n)})
+        if dora:
+            raise ValueError(f"adapter(s) {', '.join(map(repr, dora))} use DoRA, which {what} do not support yet "
+                             f"(at {self.path!r}); use them one at a time with set_adapter, or merge them")
 
     def path_for(self, dtype: torch.dtype, autocast: bool) -> str:
         """Which computation forward runs for an input of `dtype`: the one place that decides.
@@ -161,6 +230,36 @@ class LoraLinear(LoraLayer):
             return None
         return [None if n is None else self.factors(n) for n in held]
 
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """What adapter `name` adds to the unmerged weight, fp32, laid out like it: s B A, or for
+        DoRA (g - 1) W0 + g s B A (so that W0 + delta = g (W0 + s B A))."""
+        if not self.uses_dora(name):
+            return super().delta_weight(name)
+        delta, _ = dora_delta(self.weight_rows(), *self.factors(name), self.scaling[name],
+                              self.magnitude(name).weight)
+        return delta.T if self.weight_in_by_out else delta
+
+    def merges_first(self, name: str) -> bool:
+        # DoRA's merged weight g (W0 + s B A) needs W0 itself: nothing may be merged before it.
+        return self.uses_dora(name)
+
+    def _add_delta(self, name: str, sign: float) -> None:
+        if not self.uses_dora(name):
+            return super()._add_delta(name, sign)
+        weight = self._base_weight()
+        a, b = self.factors(name)
+        magnitude, scale = self.magnitude(name), self.scaling[name]
+        with torch.no_grad():
+            if sign > 0:  # W0 -> g (W0 + s B A), keeping the norm to undo it exactly
+                delta, magnitude.merged_norm = dora_delta(self.weight_rows(), a, b, scale, magnitude.weight)
+                rows = self.weight_rows().to(delta.dtype) + delta
+            else:
+                assert magnitude.merged_norm is not None, "a merged DoRA adapter keeps its norm"
+                rows = unmerged_weight(self.weight_rows(), a, b, scale, magnitude.weight, magnitude.merged_norm)
+                magnitude.merged_norm = None
+            weight.copy_((rows.T if self.weight_in_by_out else rows).to(weight.dtype))
+        return None
+
     def update(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(B A dropout(x), s) for rows that run adapter `name` (adapters_per_row)."""
         x_in = self.lora_dropout[name](x.to(self.a(name).weight.dtype))
@@ -189,7 +288,8 @@ class LoraEmbedding(LoraLayer):
             self.start(name, r, alpha, 0.0)
 
     def add(self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming",
-            share_dropout_mask: bool = True) -> None:
+            share_dropout_mask: bool = True, use_dora: bool = False) -> None:
+        assert not use_dora, "add_adapter refuses DoRA on embeddings before any layer changes"
         device, dtype = base_device(self.base), adapter_dtype(self.base)
         a = torch.zeros(r, self.in_features, device=device, dtype=dtype)
         b = torch.zeros(self.out_features, r, device=device, dtype=dtype)

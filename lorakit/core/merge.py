@@ -43,6 +43,8 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, safe: bool = Tru
 def _merge_layers(model: nn.Module, layers: list[LoraLayer], names: list[str], safe: bool) -> None:
     work = [layer for layer in layers if layer.to_merge(names)]
     _refuse_tied(model, work)
+    for layer in work:  # before any layer changes
+        layer.check_merge_order(layer.to_merge(names))
     if safe:
         # Check every layer before writing any, so a refused merge leaves all weights untouched
         # (undoing by subtraction would only restore them up to rounding).

@@ -1,7 +1,8 @@
 """The PEFT adapter layout: which tensor keys and config entries an adapter file holds.
 
 Keys are `base_model.model.<module path>.<tensor>` with the adapter's name left out:
-`lora_A.weight` (r x in) and `lora_B.weight` (out x r) for linear layers, `lora_embedding_A`
+`lora_A.weight` (r x in) and `lora_B.weight` (out x r) for linear layers (and DoRA's magnitude
+`lora_magnitude_vector` (out)), `lora_embedding_A`
 (r x num_embeddings) and `lora_embedding_B` (dim x r) for embeddings, `<path>.<key>` for each
 tensor of a module trained in full (`modules_to_save`), and biases when `bias` is not "none"
 (`<path>.base_layer.bias` for an adapted module, `<path>.bias` for any other). This module maps
@@ -22,7 +23,7 @@ from lorakit.core.config import ALL_LINEAR, LoraConfig, path_matches
 from lorakit.core.contract import LoraLayer, base_kind, in_out
 from lorakit.core.full_copies import ModulesToSave
 from lorakit.core.inject import find_targets
-from lorakit.core.layers import LAYER_KINDS, layer_class
+from lorakit.core.layers import DORA_KEY, LAYER_KINDS, layer_class
 from lorakit.core.registry import adapter_configs
 from lorakit.core.walk import ADAPTER_MODULES, lora_layers, model_modules, unwrapped
 
@@ -42,7 +43,6 @@ while every reader (PEFT, vLLM, TGI, llama.cpp's converter) ignores safetensors 
 # PEFT LoRA options that change the maths; lorakit refuses a file using them rather than
 # silently computing something else.
 _UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora)",
     "lora_bias": "a LoRA bias on B (lora_bias)",
     "target_parameters": "LoRA on raw parameters (target_parameters)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
@@ -93,6 +93,8 @@ def planned_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int,
         key_a, key_b = layer_class(base).peft_keys
         shapes[f"{PREFIX}{path}.{key_a}"] = (rank, fan_in)  # A: r x in
         shapes[f"{PREFIX}{path}.{key_b}"] = (fan_out, rank)  # B: out x r
+        if config.use_dora:
+            shapes[f"{PREFIX}{path}.{DORA_KEY}"] = (fan_out,)  # m: out
     for path in sorted(copied):
         for key, tensor in unwrapped(model.get_submodule(path)).state_dict().items():
             shapes[f"{PREFIX}{path}.{key}"] = tuple(tensor.shape)
@@ -197,6 +199,7 @@ def config_to_json(model: nn.Module, name: str) -> dict[str, Any]:
         "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
         "inference_mode": True,
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "use_dora": config.use_dora,
     }
     if exclude is not None:
         data["exclude_modules"] = exclude
@@ -241,7 +244,7 @@ def config_from_json(data: object, source: str) -> LoraConfig:
             layers=[layers] if isinstance(layers, int) else layers,
             rank_pattern=data.get("rank_pattern") or {}, alpha_pattern=data.get("alpha_pattern") or {},
             bias=data.get("bias", "none"), use_rslora=bool(data.get("use_rslora", False)),
-            modules_to_save=data.get("modules_to_save"), init="zeros",
+            modules_to_save=data.get("modules_to_save"), init="zeros", use_dora=bool(data.get("use_dora", False)),
         )
     except (ValueError, TypeError) as err:
         raise ValueError(f"{source} has invalid settings: {err}") from None

@@ -26,7 +26,8 @@ def test_frozen():
         ({"alpha": 0}, "alpha must be a number > 0, got 0"),
         ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
         ({"bias": "some"}, "bias must be one of none, all, lora_only, got 'some'"),
-        ({"init": "xavier"}, "init must be one of kaiming, gaussian, zeros, random, got 'xavier'"),
+        ({"init": "xavier"}, "init must be one of kaiming, gaussian, zeros, random, pissa, pissa_niter_N, olora "
+                         "(N an integer >= 1, e.g. pissa_niter_4), got 'xavier'"),
         ({"targets": "("}, "targets is not a valid regular expression"),
         ({"targets": []}, "targets must not be an empty list"),
         ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] must be an integer >= 1"),

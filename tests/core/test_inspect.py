@@ -34,7 +34,8 @@ SPOILED = {
     "r=0": (lambda f: edit_config(f, r=0), "r must be an integer >= 1, got 0"),
     "alpha not a number": (lambda f: edit_config(f, lora_alpha="abc"), "lora_alpha must be a number > 0, got 'abc'"),
     "IA3": (lambda f: edit_config(f, peft_type="IA3"), "has peft_type 'IA3'; lorakit loads LoRA adapters only"),
-    "DoRA": (lambda f: edit_config(f, use_dora=True), r"uses DoRA \(use_dora\), which lorakit does not implement"),
+    "LoRA bias": (lambda f: edit_config(f, lora_bias=True),
+                  r"uses a LoRA bias on B \(lora_bias\), which lorakit does not implement"),
     "config r differs from tensors": (lambda f: edit_config(f, r=8), "4 module.s. hold rank-2 tensors where the "
                                       "config gives r=8: model.layers.0.self_attn.q_proj, model.layers.0.self_attn"
                                       ".v_proj, model.layers.1.self_attn.q_proj, model.layers.1.self_attn.v_proj$"),
