@@ -1,0 +1,49 @@
+"""Writing a GGUF file atomically: into a temporary file beside the target, flushed, then renamed."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from lorakit.core.files import fsync_path
+
+
+def check_output(path: str | os.PathLike[str], *sources: Path | None) -> Path:
+    """The output path, refused when it is a folder or one of the files being read.
+
+    Raises:
+        ValueError: `path` is an existing folder, or the same file as one of `sources`.
+    """
+    output = Path(path).expanduser()
+    if output.is_dir():
+        raise ValueError(f"output {output} is a folder; give a file path such as {output / 'model.gguf'}")
+    for source in sources:
+        if source is not None and output.exists() and output.resolve() == source.resolve():
+            raise ValueError(f"output {output} is the file being read; give another path")
+    return output
+
+
+def write_gguf_atomically(writer: Any, path: Path) -> int:
+    """Write `writer`'s (a filled `gguf.GGUFWriter` without a path) header, metadata and tensors to `path`.
+
+    A reader sees the old file or the complete new one, never a partial file; an interrupted
+    write leaves no file at `path` (or the old one) and removes its temporary file.
+
+    Returns:
+        The size of the file written, in bytes.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.stat().st_size
