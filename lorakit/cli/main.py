@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": "loss and exact match of a model (+ adapter) on a JSONL file",
     "estimate": "trainable parameters and memory of full fine-tuning, LoRA and QLoRA, without loading weights",
     "inspect": "describe an adapter folder at a glance",
+    "serve": "serve a base model and many adapters over an OpenAI-compatible HTTP API",
     "export": "write an adapter as a llama.cpp / Ollama LoRA GGUF file",
 }
 
