@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   lorakit train --data train.jsonl --output-dir runs/mine
   lorakit train --data train.jsonl --val-fraction 0.05 --r 16 --alpha 32 --lr 2e-4 --epochs 3
   lorakit train --data train.jsonl --quantize nf4            # QLoRA: 4-bit frozen base
+  lorakit train --data train.jsonl --dora --loraplus-ratio 16  # DoRA, B trained 16x faster (LoRA+)
   lorakit train --config run.yaml --lr 1e-4                  # flags override the file
   lorakit train --config run.yaml --resume                   # continue after a crash
   lorakit train --data train.jsonl --nproc 2                 # 2 processes (DDP), started for you
@@ -49,12 +50,16 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--dropout", "dropout", float, "dropout on the adapter input"),
     ("--targets", "targets", str, "all-linear, a regex, or comma-separated module names (q_proj,v_proj)"),
     ("--rslora", "use_rslora", bool, "scale by alpha / sqrt(r)"),
+    ("--dora", "use_dora", bool, "DoRA: also train a magnitude per output row (linear targets)"),
+    ("--init", "init", str, "adapter init: kaiming, gaussian, pissa, pissa_niter_N (e.g. pissa_niter_4) or olora"),
     ("--separate-dropout-masks", "share_dropout_mask", "off", "each module draws its own dropout mask, as PEFT "
                                                              "does (default: q/k/v and gate/up share one)"),
     ("--quantize", "quantize", str, "nf4: train on a 4-bit frozen base (QLoRA)"),
     ("--lr", "learning_rate", float, "peak learning rate"),
     ("--warmup-steps", "warmup_steps", int, "linear warm-up steps"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
+    ("--loraplus-ratio", "loraplus_ratio", float, "LoRA+: B's learning rate = this x A's (e.g. 16)"),
+    ("--loraplus-lr-embedding", "loraplus_lr_embedding", float, "LoRA+: learning rate of embedding adapters"),
     ("--optim", "optimizer", str, "adamw, or paged_adamw (bitsandbytes, CUDA)"),
     ("--epochs", "epochs", int, "passes over the data"),
     ("--max-steps", "max_steps", int, "stop after this many optimizer steps"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, get_args, get_type_hints
 
@@ -47,6 +48,10 @@ class TrainConfig:
     """Modules to adapt: "all-linear", a regex, or a list of name suffixes."""
     use_rslora: bool = False
     """Scale by alpha / sqrt(r)."""
+    use_dora: bool = False
+    """DoRA: also train a magnitude per output row (LoraConfig.use_dora; linear targets only)."""
+    init: str = "kaiming"
+    """Adapter initialisation (LoraConfig.init): kaiming, gaussian, pissa, pissa_niter_N or olora."""
     share_dropout_mask: bool = True
     """With dropout: modules reading one input (q, k, v; gate, up) share one mask (LoraConfig's field)."""
     quantize: str | None = None
@@ -59,6 +64,11 @@ class TrainConfig:
     """Linear warm-up steps."""
     weight_decay: float = 0.0
     """AdamW weight decay on the adapter weights."""
+    loraplus_ratio: float | None = None
+    """LoRA+: B's learning rate is this times A's (the paper suggests 16); None trains both at one rate
+    (train/optimizer.py has the groups)."""
+    loraplus_lr_embedding: float = 1e-6
+    """LoRA+: the learning rate of embedding adapters (A and B), as PEFT's create_loraplus_optimizer."""
     optimizer: str = "adamw"
     """adamw, or paged_adamw (bitsandbytes, CUDA only)."""
     epochs: int = 1
@@ -143,6 +153,11 @@ class TrainConfig:
             problems.append(f"format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.loraplus_ratio is not None and not (_is_real(self.loraplus_ratio) and self.loraplus_ratio > 0):
+            problems.append(f"loraplus_ratio must be a number > 0 (B's learning rate = ratio x A's; LoRA+ suggests "
+                            f"16) or None, got {self.loraplus_ratio!r}")
+        if not (_is_real(self.loraplus_lr_embedding) and self.loraplus_lr_embedding > 0):
+            problems.append(f"loraplus_lr_embedding must be a number > 0, got {self.loraplus_lr_embedding!r}")
         if not self.weight_decay >= 0:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.eval_exact_match and not (self.val_data or self.val_fraction):
@@ -184,7 +199,8 @@ class TrainConfig:
     def lora_config(self) -> LoraConfig:
         """The adapter this run trains."""
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
-                          use_rslora=self.use_rslora, share_dropout_mask=self.share_dropout_mask)
+                          use_rslora=self.use_rslora, share_dropout_mask=self.share_dropout_mask,
+                          use_dora=self.use_dora, init=self.init)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -205,6 +221,10 @@ class TrainConfig:
         if isinstance(values["targets"], tuple):
             values["targets"] = list(values["targets"])
         return values
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _as_number(key: str, value: Any, kind: Any) -> Any:

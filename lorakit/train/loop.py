@@ -38,6 +38,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import World, broadcast, on_main, start
 from lorakit.train.evaluate import ExactMatch, evaluation_loss, exact_match_score
 from lorakit.train.metrics import MetricsLog, plot_losses
+from lorakit.train.optimizer import build_optimizer
 from lorakit.train.parallel import base_bytes, full_tensor, no_sync, whole_trainables, wrap
 from lorakit.train.run_folder import claim_run_folder, run_settings
 from lorakit.train.schedule import warmup_cosine
@@ -143,7 +144,7 @@ def _run(config: TrainConfig, world: World, output_dir: Path, resume_from: Path 
     evaluated: Any = wrapped if world.strategy == "fsdp" else model
 
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = _optimizer(config, params)
+    optimizer = build_optimizer(config, model, params)  # LoRA+ groups when config.loraplus_ratio is set
     per_epoch = math.ceil(steps_per_epoch(len(train_set), config.batch_size, world.world_size) / accumulation)
     total_steps = config.max_steps or config.epochs * per_epoch
     scheduler = warmup_cosine(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
@@ -195,7 +196,7 @@ def _run(config: TrainConfig, world: World, output_dir: Path, resume_from: Path 
             # The norm of the global gradient (FSDP2: a DTensor reduced over the shards).
             norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             extra["grad_norm"] = float(full_tensor(norm))
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        lr = scheduler.get_last_lr()[0]  # the rate this step used (A's, with LoRA+)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -275,16 +276,6 @@ def _datasets(config: TrainConfig, tokenizer: Any, records: list,
                                    train_on_prompt=config.train_on_prompt)
     pairs = eval_pairs(val_records[: config.eval_exact_match], tokenizer) if config.eval_exact_match else []
     return train_set, val_set, pairs
-
-
-def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    if config.optimizer == "paged_adamw":
-        if not torch.cuda.is_available():
-            raise ValueError("optimizer 'paged_adamw' needs CUDA and bitsandbytes; use 'adamw' on CPU")
-        import bitsandbytes as bnb  # type: ignore[import-not-found]
-
-        return bnb.optim.PagedAdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def _announce(model: nn.Module, config: TrainConfig, train_set: TokenizedDataset) -> None:

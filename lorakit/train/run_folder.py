@@ -33,7 +33,7 @@ RUN_OUTPUTS = ("adapter", "metrics.jsonl", "loss.png", RUN_FILE)
 # The global batch (rows per optimizer step over all ranks) is compared, not its factors: 2 ranks x
 # batch 4 resumes as 1 rank x batch 8 or x batch 4 x accumulation 2, and continues exactly.
 RESUME_SETTINGS = ("model", "quantize", "r", "alpha", "dropout", "targets", "use_rslora", "share_dropout_mask",
-                   "optimizer",
+                   "use_dora", "init", "optimizer", "loraplus_ratio", "loraplus_lr_embedding",
                    "data", "val_data", "val_fraction", "format", "max_length", "pack", "train_on_prompt",
                    "global_batch", "seed")
 # Recorded too, for people reading run.json, but free to change on resume.
