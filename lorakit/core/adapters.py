@@ -94,12 +94,15 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a 4-bit base weight counts as its in x out values."""
     trainable = total = 0
-    for param in model.parameters():
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+    storage: set[int] = set()  # a quantized weight's codes and scales (parameters, so FSDP2 shards them)
     for module in model.modules():
         if base_kind(module) == "quantized":
             total += int(module.in_features) * int(module.out_features)  # type: ignore[arg-type]
+            storage |= {id(p) for p in module.parameters() if p is not getattr(module, "bias", None)}
+    for param in model.parameters():
+        if id(param) not in storage:
+            total += param.numel()
+            trainable += param.numel() if param.requires_grad else 0
     return trainable, total
 
 

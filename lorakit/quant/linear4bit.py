@@ -2,10 +2,17 @@
 
     y = x W^T + b,   W (out x in) dequantized from 4 bits on the fly in ``compute_dtype``
 
-The quantized weight lives in buffers (``.to(device)`` moves them, optimizers never see them);
-only the full-precision bias, frozen, stays a parameter. The dequantized weight exists only for
-the matmul: backward dequantizes it again rather than keeping it alive between the passes, which
-is what makes a 4-bit base cheap in memory while training adapters on top of it.
+The quantized weight is held as frozen parameters (``requires_grad=False``, so optimizers never
+see them): the uint8 codes, the block scales and the double-quantization scales, as the plain
+tensors of :class:`NF4Tensor`. Parameters rather than buffers because FSDP2 (``fully_shard``)
+shards every parameter of a unit on dim 0, whatever its dtype, and all-gathers mixed dtypes as
+bytes, while it leaves buffers whole on every rank: so under FSDP2 each rank holds about 1/N of
+the 4-bit base, and inside the forward pass the tensors are whole again, bit for bit. Only the
+0-d double-quantization offset (4 bytes) stays a buffer, as a scalar cannot be sharded.
+
+The dequantized weight exists only for the matmul: backward dequantizes it again rather than
+keeping it alive between the passes, which is what makes a 4-bit base cheap in memory while
+training adapters on top of it.
 
 The LoRA layer treats any module with ``in_features``, ``out_features`` and
 ``dequantize_weight()`` as a quantized linear; keep those names.
@@ -23,15 +30,17 @@ from torch import nn
 from lorakit.core.contract import is_conv1d
 from lorakit.quant.nf4 import SUPPORTED_DTYPES, NF4Tensor, dequantize_nf4, quantize_nf4
 
-# Buffers holding the NF4 weight, in NF4Tensor field order; the last two exist with double quant only.
-_QUANT_BUFFERS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_offset")
+# The tensors holding the NF4 weight, in NF4Tensor field order; the last two exist with double quant
+# only. The first three are frozen parameters (FSDP2 shards them), the 0-d offset a buffer.
+_QUANT_TENSORS = ("weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_offset")
+_OFFSET = "weight_absmax_offset"
 
 
 class _NF4Linear(torch.autograd.Function):
     """``x W^T + b`` with W dequantized in the forward pass and again in the backward pass.
 
     Nothing is saved for backward: not the input (the weight gets no gradient) and not the
-    dequantized weight, which backward rebuilds from the 4-bit buffers; the price is one extra
+    dequantized weight, which backward rebuilds from the 4-bit tensors; the price is one extra
     dequantization per backward.
     """
 
@@ -91,8 +100,11 @@ class NF4Linear(nn.Module):
         self.weight_dtype = weight.dtype
         self.block_size = weight.block_size
         tensors = (weight.codes, weight.absmax, weight.absmax_scale, weight.absmax_offset)
-        for name, tensor in zip(_QUANT_BUFFERS, tensors, strict=True):
-            self.register_buffer(name, tensor)
+        for name, tensor in zip(_QUANT_TENSORS, tensors, strict=True):
+            if name == _OFFSET:
+                self.register_buffer(name, tensor)
+            else:
+                self.register_parameter(name, _frozen(tensor))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
@@ -136,9 +148,18 @@ class NF4Linear(nn.Module):
 
     @property
     def quantized_weight(self) -> NF4Tensor:
-        """The weight as an :class:`NF4Tensor` view of this module's buffers (current device)."""
-        codes, absmax, absmax_scale, absmax_offset = (self._buffers[name] for name in _QUANT_BUFFERS)
-        assert codes is not None and absmax is not None, "NF4Linear lost its weight buffers"
+        """The weight as an :class:`NF4Tensor` view of this module's tensors (current device).
+
+        Raises:
+            RuntimeError: FSDP2 holds the weight sharded (outside the forward pass).
+        """
+        codes, absmax, absmax_scale, absmax_offset = (self._quant_tensor(name) for name in _QUANT_TENSORS)
+        assert codes is not None and absmax is not None, "NF4Linear lost its weight tensors"
+        if hasattr(codes, "to_local"):  # a DTensor: this rank's shard of the codes, not the weight
+            raise RuntimeError(
+                "this NF4Linear's weight is sharded by FSDP2 (each rank holds a part of its codes); it is "
+                "whole only inside the model's forward pass: dequantize it there, or before fully_shard"
+            )
         return NF4Tensor(
             codes=codes,
             absmax=absmax,
@@ -163,24 +184,37 @@ class NF4Linear(nn.Module):
         out = _NF4Linear.apply(x.to(self.compute_dtype), self.quantized_weight, bias)
         return out.to(x.dtype)
 
+    def _quant_tensor(self, name: str) -> torch.Tensor | None:
+        return self._buffers[name] if name == _OFFSET else self._parameters[name]
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> NF4Linear:
-        # nn.Module.to(dtype) and .half() cast every floating buffer, which would silently round
-        # the fp32 scales (and break the bit-exact format); so the quantized buffers only follow
+        # nn.Module.to(dtype) and .half() cast every floating tensor, which would silently round
+        # the fp32 scales (and break the bit-exact format); so the quantized tensors only follow
         # the device: we learn it by applying fn to an empty probe tensor.
-        saved = {name: self._buffers.pop(name) for name in _QUANT_BUFFERS}
+        saved = {name: (self._buffers if name == _OFFSET else self._parameters).pop(name) for name in _QUANT_TENSORS}
         try:
             super()._apply(fn, recurse)
         finally:
-            for name, buffer in saved.items():
-                if buffer is not None:
-                    device = fn(torch.empty(0, device=buffer.device)).device
-                    buffer = buffer.to(device)
-                self._buffers[name] = buffer
+            for name, tensor in saved.items():
+                if tensor is not None:
+                    device = fn(torch.empty(0, device=tensor.device)).device
+                    if tensor.device != device:
+                        moved = tensor.detach().to(device)
+                        tensor = moved if name == _OFFSET else _frozen(moved)
+                if name == _OFFSET:
+                    self._buffers[name] = tensor
+                else:
+                    self._parameters[name] = tensor  # type: ignore[assignment]
         return self
 
     def extra_repr(self) -> str:
-        double_quant = self._buffers["weight_absmax_scale"] is not None
+        double_quant = self._parameters["weight_absmax_scale"] is not None
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"block_size={self.block_size}, double_quant={double_quant}, compute_dtype={self.compute_dtype}"
         )
+
+
+def _frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    """A frozen parameter holding ``tensor`` (codes are uint8: a parameter that can never train)."""
+    return None if tensor is None else nn.Parameter(tensor, requires_grad=False)

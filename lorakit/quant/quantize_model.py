@@ -107,6 +107,8 @@ def _own_remaining_parameters(model: nn.Module) -> None:
     copies: dict[int, nn.Parameter] = {}
     with torch.no_grad():
         for module in model.modules():
+            if isinstance(module, NF4Linear):  # its tensors were made by quantizing, never mapped
+                continue
             for name, param in list(module._parameters.items()):
                 if param is None or param.device.type != "cpu":
                     continue

@@ -17,7 +17,8 @@ pytestmark = [
 def test_cuda_forward_and_input_grad_equal_dequantize_then_linear(compute_dtype):
     torch.manual_seed(0)
     layer = NF4Linear.from_linear(nn.Linear(256, 192), compute_dtype=compute_dtype).to("cuda")
-    assert all(b.device.type == "cuda" for b in layer.buffers())
+    assert all(t.device.type == "cuda" for t in [*layer.parameters(), *layer.buffers()])
+    assert isinstance(layer.weight_codes, nn.Parameter)
     assert layer.weight_absmax_scale.dtype == torch.float32
     weight = layer.dequantize_weight(compute_dtype)
     assert weight.device.type == "cuda"

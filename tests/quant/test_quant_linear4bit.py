@@ -1,4 +1,4 @@
-"""NF4Linear: forward and input gradient equal dequantize-then-linear; frozen, buffer-backed, Conv1D-aware."""
+"""NF4Linear: forward and input gradient equal dequantize-then-linear; frozen, shardable, Conv1D-aware."""
 
 import pytest
 import torch
@@ -26,18 +26,32 @@ def test_from_linear_keeps_the_contract_attributes():
     assert torch.equal(weight, dequantize_nf4(quantize_nf4(linear.weight)))
 
 
-def test_quantized_data_are_buffers_and_nothing_trains():
+def test_quantized_data_are_frozen_parameters_fsdp2_can_shard_and_nothing_trains():
     layer = NF4Linear.from_linear(_linear())
-    assert [name for name, _ in layer.named_parameters()] == ["bias"]
+    # Parameters, not buffers: FSDP2 shards parameters (any dtype) and leaves buffers whole on every rank.
+    params = dict(layer.named_parameters())
+    assert set(params) == {"weight_codes", "weight_absmax", "weight_absmax_scale", "bias"}
     assert not any(p.requires_grad for p in layer.parameters())
-    buffers = dict(layer.named_buffers())
-    assert set(buffers) == {"weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_offset"}
-    assert buffers["weight_codes"].dtype == torch.uint8 and buffers["weight_codes"].numel() == 48 * 96 // 2
+    assert params["weight_codes"].dtype == torch.uint8 and params["weight_codes"].numel() == 48 * 96 // 2
+    assert [name for name, _ in layer.named_buffers()] == ["weight_absmax_offset"]  # 0-d: cannot be sharded
     assert set(NF4Linear.from_linear(_linear(), double_quant=False).state_dict()) == {
         "weight_codes",
         "weight_absmax",
         "bias",
     }
+
+
+def test_a_sharded_weight_outside_forward_is_a_clear_error():
+    class Shard(torch.Tensor):  # stands for FSDP2's DTensor, which has to_local()
+        def to_local(self) -> torch.Tensor:
+            return self
+
+    layer = NF4Linear.from_linear(_linear())
+    codes = layer.weight_codes
+    layer._parameters["weight_codes"] = nn.Parameter(codes[: codes.numel() // 2].as_subclass(Shard),
+                                                     requires_grad=False)
+    with pytest.raises(RuntimeError, match="sharded by FSDP2 .* whole only inside the model's forward pass"):
+        layer.dequantize_weight()
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -114,9 +128,11 @@ def test_dtype_casts_move_only_the_bias():
     scale = layer.weight_absmax_scale.clone()
     layer.half()
     layer.to(torch.bfloat16)
+    layer.double()
     assert torch.equal(layer.weight_codes, codes) and torch.equal(layer.weight_absmax, absmax)
     assert layer.weight_absmax_scale.dtype == torch.float32 and torch.equal(layer.weight_absmax_scale, scale)
-    assert layer.bias.dtype == torch.bfloat16
+    assert layer.bias.dtype == torch.float64
+    assert isinstance(layer.weight_codes, nn.Parameter) and not layer.weight_codes.requires_grad
     assert layer(torch.randn(2, 96)).shape == (2, 48)
 
 

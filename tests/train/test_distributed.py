@@ -51,6 +51,9 @@ def _rank_main(rank: int, port: int, jobs: list[dict[str, Any]], results: Any) -
     outcome = []
     try:
         for job in jobs:
+            if callable(job):  # a measurement of its own (a module-level function: spawn pickles it by name)
+                outcome.append(job(rank))
+                continue
             values = job[rank] if isinstance(job, list) else job
             try:
                 # NF4 takes 16/32-bit inputs: a QLoRA job trains in float32.
@@ -63,8 +66,56 @@ def _rank_main(rank: int, port: int, jobs: list[dict[str, Any]], results: Any) -
         results.put((rank, ["crash: " + traceback.format_exc()]))
 
 
+def nf4_shards(rank: int) -> str:
+    """QLoRA's tiny model under FSDP2 on this rank: the bytes of the NF4 tensors and of the whole frozen base
+    it holds, and whether its loss and adapter gradients are bit-equal to the unsharded model's in this process."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from lorakit.core.config import LoraConfig
+    from lorakit.core.inject import add_adapter
+    from lorakit.quant import NF4Linear, quantize_model
+    from lorakit.train.distributed import World
+    from lorakit.train.parallel import TrainingModule, base_bytes, full_tensor, wrap
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    models = []
+    for _ in range(2):  # one to shard, one to stay whole as the reference
+        model, tokenizer = tiny_model_and_tokenizer()
+        quantize_model(model)
+        add_adapter(model, LoraConfig(r=2, targets=("q_proj", "v_proj", "down_proj")))
+        with torch.no_grad():  # B = 0 would leave the gradient of A at 0: give B values
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+        models.append(model)
+    sharded = wrap(models[0], World(rank=rank, world_size=WORLD, strategy="fsdp"))
+    whole = TrainingModule(models[1])
+    nf4 = [t for m in models[0].modules() if isinstance(m, NF4Linear)
+           for t in [*m.parameters(), *m.buffers()] if t is not m.bias]
+    nf4_local = sum((t.to_local() if isinstance(t, DTensor) else t).untyped_storage().nbytes() for t in nf4)
+    nf4_whole = sum(t.numel() * t.element_size() for t in nf4)
+    assert nf4 and all(isinstance(t, DTensor) for t in nf4 if t.dim() > 0)
+    ids = tokenizer(["Question: one two? Answer: two one", "Question: three?"], return_tensors="pt",
+                    padding=True)
+    inputs = {"input_ids": ids.input_ids, "attention_mask": ids.attention_mask, "labels": ids.input_ids}
+    losses, grads = [], []
+    for unit, model in ((sharded, models[0]), (whole, models[1])):
+        loss = unit(inputs)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: full_tensor(p.grad) for n, p in model.named_parameters() if p.requires_grad})
+    # Both ranks fed the same rows and the gradients are summed over the ranks (parallel.py): WORLD times
+    # one process's, exactly (a power of two).
+    same = torch.equal(losses[0], losses[1]) and all(torch.equal(grads[0][n], WORLD * grads[1][n]) for n in grads[1])
+    local, total = base_bytes(models[0])
+    return f"nf4 {nf4_local} {nf4_whole} base {local} {total} bit-equal {same}"
+
+
 def run_ranks(jobs: list[Any]) -> list[list[str]]:
-    """Run `jobs` (TrainConfig dicts, or per-rank lists of them) one after another on WORLD forked ranks."""
+    """Run `jobs` one after another on WORLD spawned ranks: TrainConfig dicts (or per-rank lists of them),
+    or functions of the rank that return a line."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -90,6 +141,13 @@ def assert_close_adapters(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
     assert a.keys() == b.keys() and a
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+
+
+def assert_close_qlora(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """NF4 takes 16/32-bit inputs, so a QLoRA run trains in float32: float32's tolerance."""
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4)
 
 
 def assert_same_steps(run: Path, reference: Path) -> None:
@@ -140,10 +198,11 @@ def test_ddp_equals_one_process_and_resumes_on_one(reference, tmp_path, capfd):
         settings(tmp_path, "ddp_global", batch_size=2, grad_accum=1, global_batch_size=8, distributed=ddp),
         [settings(tmp_path, "mixed", batch_size=2, distributed=ddp, seed=rank) for rank in range(WORLD)],
         settings(tmp_path, "odd", batch_size=3, grad_accum=1, global_batch_size=8, distributed=ddp),
+        settings(tmp_path, "ddp_qlora", batch_size=2, distributed=ddp, quantize="nf4"),
     ]
     outcomes = run_ranks(jobs)
     for rank, outcome in enumerate(outcomes):
-        assert outcome[:3] == ["ok", "ok", "ok"], outcome
+        assert outcome[:3] == ["ok", "ok", "ok"] and outcome[5] == "ok", outcome
         assert f"rank {1 - rank} has seed={1 - rank} (rank 0: 0)" in outcome[3] or "rank 1 has seed=1" in outcome[3]
         assert "global_batch_size=8 does not split over 2 rank(s) x batch_size 3" in outcome[4]
     printed = capfd.readouterr().out
@@ -154,6 +213,7 @@ def test_ddp_equals_one_process_and_resumes_on_one(reference, tmp_path, capfd):
     assert_close_adapters(final_adapter(tmp_path / "ddp"), single)
     assert_close_adapters(final_adapter(tmp_path / "ddp_global"), single)
     assert_close_adapters(final_adapter(tmp_path / "ddp_gc"), final_adapter(reference / "single_gc"))
+    assert_close_qlora(final_adapter(tmp_path / "ddp_qlora"), final_adapter(reference / "single_qlora"))
     # Only rank 0 wrote: the run's files, once.
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
         "adapter", "checkpoint-2", "checkpoint-4", "loss.png", "metrics.jsonl", "run.json"]
@@ -169,20 +229,31 @@ def test_fsdp2_equals_one_process_shards_the_base_and_resumes_on_one(reference, 
     fsdp = {"strategy": "fsdp"}
     outcomes = run_ranks([settings(tmp_path, "fsdp", batch_size=2, distributed=fsdp),
                           settings(tmp_path, "fsdp_gc", batch_size=2, distributed=fsdp, gradient_checkpointing=True),
-                          settings(tmp_path, "fsdp_qlora", batch_size=2, distributed=fsdp, quantize="nf4")])
-    assert outcomes == [["ok", "ok", "ok"], ["ok", "ok", "ok"]]
+                          settings(tmp_path, "fsdp_qlora", batch_size=2, distributed=fsdp, quantize="nf4"),
+                          nf4_shards])
+    assert [outcome[:3] for outcome in outcomes] == [["ok", "ok", "ok"], ["ok", "ok", "ok"]]
     printed = capfd.readouterr().out
-    line = next(line for line in printed.splitlines() if line.startswith("base weights per rank:"))
-    local, whole = (int(x.replace(",", "")) for x in line.split("; ")[1].split()[0:3:2])
-    assert 0.45 * whole < local < 0.55 * whole, line  # about half of the base on each of 2 ranks
+    lines = [line for line in printed.splitlines() if line.startswith("base weights per rank:")]
+    assert len(lines) == 2 + 1  # rank 0 alone prints, once per run (float64, gradient checkpointing, QLoRA)
+    for line in lines:
+        local, whole = (int(x.replace(",", "")) for x in line.split("; ")[1].split()[0:3:2])
+        assert 0.45 * whole < local < 0.55 * whole, line  # about half of the base on each of 2 ranks
+    # Each rank holds about half of the NF4 codes and scales (measured from its local shards), and the
+    # sharded model computes the unsharded model's loss and adapter gradients bit for bit.
+    nf4_whole = None
+    for outcome in outcomes:
+        fields = outcome[3].split()
+        local, whole, base_local, base_whole = (int(fields[i]) for i in (1, 2, 4, 5))
+        assert 0.45 * whole < local < 0.55 * whole and 0.45 * base_whole < base_local < 0.55 * base_whole, outcome
+        assert nf4_whole in (None, whole) and fields[-1] == "True", outcome
+        nf4_whole = whole
 
     single = final_adapter(reference / "single")
     assert_same_steps(tmp_path / "fsdp", reference / "single")
     assert_close_adapters(final_adapter(tmp_path / "fsdp"), single)
     assert_close_adapters(final_adapter(tmp_path / "fsdp_gc"), final_adapter(reference / "single_gc"))
-    # QLoRA under FSDP2 (the NF4 codes are not sharded yet, docs/distributed.md): float32, so float32's tolerance.
-    for key, value in final_adapter(tmp_path / "fsdp_qlora").items():
-        torch.testing.assert_close(value, final_adapter(reference / "single_qlora")[key], rtol=0, atol=1e-4)
+    # QLoRA under FSDP2, the NF4 codes and scales sharded.
+    assert_close_qlora(final_adapter(tmp_path / "fsdp_qlora"), final_adapter(reference / "single_qlora"))
     # The checkpoint holds whole tensors: one process continues from it.
     assert_close_adapters(final_adapter(resume_on_one_process(tmp_path, "fsdp", "fsdp_resumed")), single)
 
