@@ -130,3 +130,22 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, llama_gguf: Pa
     assert llama_gguf.stat().st_size == size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "dir.gguf"]
     assert not any((tmp_path / "dir.gguf").iterdir())
+
+
+def test_transformers_reads_the_merged_file_as_base_plus_adapter(tmp_path: Path, llama_gguf: Path) -> None:
+    """An independent reader: transformers' GGUF loader (which undoes the q/k permutation itself) sees
+    the merged file as the base with the adapter active."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.models import logits, tokens
+
+    model = adapted_llama(CONFIG)
+    out = tmp_path / "merged.gguf"
+    merge_to_gguf(llama_gguf, save(model, tmp_path / "ad"), out, outtype="f32")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    ids = tokens()
+    with lorakit.disable_adapters(model):
+        base = logits(model, ids)
+    want = logits(model, ids)
+    assert (want - base).abs().max() > 1e-2  # the adapter does change the output
+    torch.testing.assert_close(logits(loaded, ids), want, rtol=1e-5, atol=1e-5)
