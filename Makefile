@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-quick lint clean
+.PHONY: setup test demo bench bench-quick lint clean interop
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run --quick
+
+# lorakit's GGUF files checked by llama.cpp itself (not part of `make test`): llama-cpp-python builds
+# llama.cpp from source the first time (about 9 minutes on 2 cores).
+interop: $(STAMP)
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PIP) install llama-cpp-python
+	$(VENV)/bin/pytest -q -s -ra -m llamacpp tests/gguf
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

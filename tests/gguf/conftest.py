@@ -27,3 +27,13 @@ def llama_gguf_q8(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-gguf-q8") / "tiny-q8.gguf"
     write_llama_gguf(tiny_llama(), path, "Q8_0")
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep the llama.cpp tests out of `make test`: they run when `-m` names them (`make interop`)."""
+    if "llamacpp" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="llama.cpp interop: run with `make interop` (pytest -m llamacpp)")
+    for item in items:
+        if item.get_closest_marker("llamacpp") is not None:
+            item.add_marker(skip)
