@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lorakit.gguf.architectures import Architecture, architecture, gguf_weight_name
 
@@ -28,6 +29,8 @@ class BaseModel:
     """GGUF weight name (`blk.0.attn_q.weight`) -> (out, in), for every weight LoRA can go on."""
     gguf_path: Path | None
     """The GGUF file when the base is one, else None."""
+    reader: Any = field(default=None, repr=False, compare=False)
+    """The open `gguf.GGUFReader` of that file (parsing a 49k-token vocabulary takes seconds: read it once)."""
 
 
 def describe_base(spec: str | os.PathLike[str]) -> BaseModel:
@@ -67,7 +70,7 @@ def _from_gguf(path: Path, source: str) -> BaseModel:
     heads_kv = int(kv_field.contents()) if kv_field is not None else heads
     # GGUF lists dimensions fastest first (in, out); numpy's order is (out, in).
     shapes = {t.name: (int(t.shape[1]), int(t.shape[0])) for t in reader.tensors if len(t.shape) == 2}
-    return BaseModel(source, arch, {"head_count": heads, "head_count_kv": heads_kv}, shapes, path)
+    return BaseModel(source, arch, {"head_count": heads, "head_count_kv": heads_kv}, shapes, path, reader)
 
 
 def _from_folder(folder: Path) -> BaseModel:

@@ -21,7 +21,6 @@ import numpy as np
 from lorakit.gguf.base_model import describe_base
 from lorakit.gguf.encode import FILE_TYPES, decode, encode, parse_outtype
 from lorakit.gguf.lora_pairs import gguf_rows, read_lora_pairs
-from lorakit.gguf.read import open_gguf
 from lorakit.gguf.write import check_output, write_gguf_atomically
 
 MERGE_OUTTYPES = ("f32", "f16", "q8_0")
@@ -69,7 +68,7 @@ def merge_to_gguf(source: str | os.PathLike[str], adapter: str | os.PathLike[str
     for pair in read_lora_pairs(adapter, info, "merge") if adapter is not None else []:
         updates[pair.gguf_name] = gguf_rows(pair, pair.scale * (pair.b @ pair.a), info)
 
-    reader = open_gguf(info.gguf_path)
+    reader = info.reader
     writer = GGUFWriter(None, info.arch.gguf_name)
     for key, field in reader.fields.items():
         if not key.startswith(_REWRITTEN):
