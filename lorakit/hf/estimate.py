@@ -22,6 +22,7 @@ from lorakit.core.adapters import active_adapters, adapter_configs, format_train
 from lorakit.core.config import ALL_LINEAR, LoraConfig, parse_targets
 from lorakit.core.inject import add_adapter
 from lorakit.core.layers import AUTOGRAD, LoraEmbedding, LoraLinear, base_kind
+from lorakit.hf.estimate_distributed import Units, check_distributed, describe, per_device, units
 from lorakit.hf.fused_mlp import FusedGatedMLP
 from lorakit.hf.model_config import DEFAULT_MODEL, meta_model, resolve_model_config, shipped_models
 from lorakit.quant.quantize_model import quantizable_linears
@@ -93,6 +94,10 @@ class Estimate:
     gradient_checkpointing: bool
     notes: tuple[str, ...] = ()
     """The conventions behind the figures, printed under the table."""
+    nproc: int = 1
+    """Ranks training together; the memory figures are per device (estimate_distributed.py)."""
+    distributed: str | None = None
+    """ddp or fsdp when nproc > 1, else None."""
 
     def summary(self) -> str:
         """The selected method's memory on one line (what the training loop prints)."""
@@ -101,7 +106,7 @@ class Estimate:
 
 def estimate(model: str | os.PathLike[str], r: int = 16, alpha: float | None = None, targets: str | Sequence[str] = ALL_LINEAR,
              quant: str | None = None, batch_size: int = 1, seq_len: int = 512, dtype: str = "bf16",
-             gradient_checkpointing: bool = False) -> Estimate:
+             gradient_checkpointing: bool = False, nproc: int = 1, distributed: str | None = None) -> Estimate:
     """Parameters and memory of fine-tuning `model` in full, with LoRA and with QLoRA.
 
     Args:
@@ -114,6 +119,8 @@ def estimate(model: str | os.PathLike[str], r: int = 16, alpha: float | None = N
         seq_len: tokens per row.
         dtype: compute dtype of the base weights and activations: "bf16", "fp16" or "fp32".
         gradient_checkpointing: keep only each layer's input and recompute the rest in backward.
+        nproc: ranks training together (batch_size is per rank); the memory is per device.
+        distributed: with nproc > 1, "ddp" (the default) or "fsdp" (FSDP2 shards everything).
 
     Returns:
         The estimate, all three methods in `memory`, `method` set by `quant`.
@@ -122,10 +129,12 @@ def estimate(model: str | os.PathLike[str], r: int = 16, alpha: float | None = N
         ValueError: bad settings (all are listed), an unknown model, or targets matching no
             module (the model's linear modules are listed).
     """
-    _check_settings(batch_size, seq_len, dtype, quant)
+    _check_settings(batch_size, seq_len, dtype, quant, check_distributed(nproc, distributed))
+    distributed = distributed or ("ddp" if nproc > 1 else None)
     net = meta_model(resolve_model_config(model))
     base = sum(p.numel() for p in net.parameters())  # tied weights appear once
     quantized = _quantizable_weights(net)  # counted before adapters wrap the linears
+    quantized_paths = set(quantizable_linears(net))
     lora = LoraConfig(r=r, alpha=2 * r if alpha is None else alpha, targets=parse_targets(targets))
     add_adapter(net, lora)
     trainable, total = trainable_parameters(net)
@@ -150,21 +159,24 @@ def estimate(model: str | os.PathLike[str], r: int = 16, alpha: float | None = N
              + (" and a master copy" if size < 4 else "") + " in fp32",
              "LoRA and QLoRA: adapters, their gradients and AdamW's moments in fp32",
              f"QLoRA: {quantized:,d} linear weights in NF4 ({NF4_BITS:.3f} bits each), the rest in {dtype}",
-             "formulas and conventions: docs/estimate.md")
+             "formulas and conventions: docs/estimate.md" + (", docs/distributed.md" if distributed else ""))
+    if distributed:
+        memory = per_device(memory, _units(net, quantized_paths, size), nproc, distributed)
     shown = os.fspath(model)
     shown = f"{shown} ({DEFAULT_MODEL})" if shown.strip().lower() == "default" else shown
     return Estimate(model=shown, description=_describe_model(net, shape), adapter=_describe_lora(lora),
                     base_params=base, trainable_params=trainable, all_params=total, memory=memory,
                     method=QLORA if quant else LORA, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
-                    gradient_checkpointing=gradient_checkpointing, notes=notes)
+                    gradient_checkpointing=gradient_checkpointing, notes=notes, nproc=nproc,
+                    distributed=distributed)
 
 
 def estimate_for_model(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool = False,
                        autocast: bool | None = None) -> Estimate:
     """Memory of training `model` as it stands: its real parameters, dtypes and adapters.
 
-    Weights are every parameter and buffer (an NF4 layer's storage is its buffers); gradients
-    and AdamW's two moments follow each trainable parameter's dtype, as `torch.optim.AdamW`
+    Weights are every parameter and buffer (an NF4 layer's codes and scales are frozen
+    parameters); gradients and AdamW's two moments follow each trainable parameter's dtype, as `torch.optim.AdamW`
     keeps them (no master copy). Activations use `estimate`'s formula in the frozen base's
     dtype (an NF4 layer's compute dtype).
 
@@ -221,11 +233,12 @@ def format_estimate(est: Estimate) -> str:
         f"full fine-tuning trains all {est.base_params:,d} base params",
         f"batch {est.batch_size} x {est.seq_len} tokens, {est.dtype}, gradient checkpointing "
         f"{'on' if est.gradient_checkpointing else 'off'}",
-        "",
     ]
+    lines += [describe(est.nproc, est.distributed)] if est.distributed else []
     methods = list(est.memory)
     heads = [name + (" *" if name == est.method and len(methods) > 1 else "") for name in methods]
-    lines.append(f"{'memory in GB (10^9 bytes)':<27}" + "".join(f"  {head:>16}" for head in heads))
+    title = "per device, GB (10^9 bytes)" if est.distributed else "memory in GB (10^9 bytes)"
+    lines += ["", f"{title:<27}" + "".join(f"  {head:>16}" for head in heads)]
     for row in ROWS:
         lines.append(f"{row:<27}" + "".join(f"  {getattr(est.memory[m], row) / 1e9:>16,.2f}" for m in methods))
     if len(methods) > 1:
@@ -371,6 +384,23 @@ def _quantizable_weights(model: nn.Module) -> int:
     return sum(int(w.numel()) for w in weights if isinstance(w, torch.Tensor))
 
 
+def _units(net: nn.Module, quantized_paths: set[str], size: int) -> dict[str, Units]:
+    """FSDP2's unit sizes for each method, with `net` adapted and `quantized_paths` taken before."""
+    def is_adapter(name: str) -> bool:
+        return ".lora_" in name
+
+    def quantized(name: str) -> bool:
+        owner = name.removesuffix(".weight").removesuffix(".base")
+        return name.endswith(".weight") and owner in quantized_paths
+
+    return {
+        FULL: units(net, lambda n, v: 0 if is_adapter(n) else v * size, lambda n: not is_adapter(n), size),
+        LORA: units(net, lambda n, v: v * (4 if is_adapter(n) else size), is_adapter, 4),
+        QLORA: units(net, lambda n, v: (v * 4 if is_adapter(n) else round(v * NF4_BITS / 8) if quantized(n)
+                                        else v * size), is_adapter, 4),
+    }
+
+
 def _is_quantized(module: nn.Module) -> bool:
     return base_kind(module) == "quantized"
 
@@ -394,7 +424,8 @@ def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _check_settings(batch_size: object, seq_len: object, dtype: object, quant: object) -> None:
+def _check_settings(batch_size: object, seq_len: object, dtype: object, quant: object,
+                    more: list[str] | None = None) -> None:
     problems = [f"{name} must be an integer >= 1, got {value!r}"
                 for name, value in (("batch_size", batch_size), ("seq_len", seq_len))
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1]
@@ -402,6 +433,7 @@ def _check_settings(batch_size: object, seq_len: object, dtype: object, quant: o
         problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if quant is not None and quant not in QUANT_METHODS:
         problems.append(f"quant must be one of {', '.join(QUANT_METHODS)} or None, got {quant!r}")
+    problems += more or []
     if problems:
         raise ValueError("invalid estimate settings:\n  " + "\n  ".join(problems))
 

@@ -175,11 +175,10 @@ def _fully_shard(unit: TrainingModule, model: nn.Module) -> nn.Module:
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    decoder = getattr(model, "get_decoder", lambda: None)()
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if decoder is not None:
-        for child in decoder.children():
-            if isinstance(child, nn.ModuleList) and (count is None or len(child) == count):
-                return child
-    raise ValueError(f"--distributed fsdp shards a transformers decoder layer by layer, and {type(model).__name__} "
-                     "has no decoder layer list; use --distributed ddp")
+    from lorakit.hf.decoder import decoder_layers
+
+    try:
+        return decoder_layers(model)[1]
+    except ValueError as err:
+        raise ValueError(f"--distributed fsdp shards a transformers decoder layer by layer, and {err}; "
+                         "use --distributed ddp") from None

@@ -172,6 +172,57 @@ def test_bad_settings_are_all_listed():
         assert part in message
 
 
+def test_fsdp_per_device_memory_by_hand(llama8b):
+    """Llama-3.1-8B, LoRA r=16 on q,k,v,o, on 8 ranks: 1/8 of everything, the root unit and two layers whole."""
+    hidden, kv, mlp, vocab, layers = 4096, 1024, 14336, 128_256, 32
+    layer_base = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp + 2 * hidden  # + its two norms
+    layer_adapter = 16 * (2 * (hidden + hidden) + 2 * (hidden + kv))
+    root = 2 * vocab * hidden + hidden  # embeddings, head, final norm (bf16, nothing trains there)
+    assert layers * layer_base + root == 8_030_261_248 and layers * layer_adapter == 13_631_488
+    fsdp = estimate("llama-3.1-8b", r=16, targets="q_proj,k_proj,v_proj,o_proj", batch_size=4, seq_len=2048,
+                    nproc=8, distributed="fsdp")
+    one = llama8b["bf16"].memory[LORA]
+    lora = fsdp.memory[LORA]
+    assert lora.weights == -(-one.weights // 8) + 2 * root + 2 * (2 * layer_base + 4 * layer_adapter)
+    assert lora.gradients == one.gradients // 8 + 4 * layer_adapter  # a layer's whole gradients, reduce-scattered
+    assert lora.optimizer == one.optimizer // 8 and lora.activations == one.activations  # batch 4 on each rank
+    qlora = fsdp.memory[QLORA]
+    layer_nf4 = round((layer_base - 2 * hidden) * NF4_BITS / 8) + 2 * 2 * hidden + 4 * layer_adapter
+    assert qlora.weights == -(-llama8b["bf16"].memory[QLORA].weights // 8) + 2 * root + 2 * layer_nf4
+    full = fsdp.memory[FULL]
+    assert full.gradients == -(-2 * 8_030_261_248 // 8) + 2 * root + 2 * layer_base  # the root trains in full
+    text = format_estimate(fsdp)
+    assert "per device, 8 ranks, FSDP2: 1/N of everything per device" in text
+    assert "per device, GB (10^9 bytes)" in text and "docs/distributed.md" in text
+
+
+def test_ddp_holds_everything_on_every_device_and_buckets_the_gradients(llama8b):
+    ddp = estimate("llama-3.1-8b", r=16, targets="q_proj,k_proj,v_proj,o_proj", batch_size=4, seq_len=2048,
+                   nproc=4)  # --nproc alone is DDP, as in lorakit train
+    assert ddp.distributed == "ddp"
+    for method, one in llama8b["bf16"].memory.items():
+        per_device = ddp.memory[method]
+        assert (per_device.weights, per_device.optimizer, per_device.activations) == (
+            one.weights, one.optimizer, one.activations)
+        assert per_device.gradients == 2 * one.gradients
+
+
+def test_more_ranks_need_less_per_device_under_fsdp_only():
+    totals = [estimate("smollm2-135m", quant="nf4", nproc=n, distributed="fsdp").memory[QLORA].total
+              for n in (2, 4, 8)]
+    assert totals[0] > totals[1] > totals[2]
+    assert estimate("smollm2-135m", nproc=1).memory == estimate("smollm2-135m").memory
+
+
+def test_bad_distributed_settings_are_listed():
+    with pytest.raises(ValueError) as info:
+        estimate("gpt2", nproc=0, distributed="zero")
+    assert "nproc must be an integer >= 1, got 0" in str(info.value)
+    assert "distributed must be one of ddp, fsdp or None, got 'zero'" in str(info.value)
+    with pytest.raises(ValueError, match="distributed 'fsdp' shards over several devices: give nproc >= 2"):
+        estimate("gpt2", distributed="fsdp")
+
+
 def test_unmatched_targets_name_the_models_linear_modules():
     with pytest.raises(ValueError, match="c_attn"):
         estimate("gpt2", targets="q_proj,v_proj")
@@ -242,7 +293,7 @@ def test_estimate_for_model_counts_fp32_adapter_copies_bigger_without_autocast()
     assert estimate_for_model(model, 2, 16).memory[LORA].activations == plain  # CPU: no autocast
 
 
-def test_estimate_for_model_prices_a_4bit_base_by_its_buffers():
+def test_estimate_for_model_prices_a_4bit_base_by_its_storage():
     plain, quantized = tiny_llama(hidden=64), tiny_llama(hidden=64)
     quantize_model(quantized)
     for model in (plain, quantized):
@@ -293,3 +344,12 @@ def test_estimate_for_model_needs_a_transformers_config():
 def test_format_bytes():
     assert [format_bytes(n) for n in (0, 999, 19.5e6, 538e6, 1.2e9, 63e9, 2.87e12)] == \
         ["0 B", "999 B", "20 MB", "538 MB", "1.2 GB", "63 GB", "2.9 TB"]
+
+
+def test_estimate_command_gives_memory_per_device(capsys):
+    from lorakit.cli.main import main
+
+    assert main(["estimate", "--model", "smollm2-135m", "--quant", "nf4", "--nproc", "2", "--distributed", "fsdp"]) == 0
+    assert "per device, 2 ranks, FSDP2" in capsys.readouterr().out
+    assert main(["estimate", "--model", "smollm2-135m", "--distributed", "fsdp"]) == 1
+    assert capsys.readouterr().err.strip().endswith("distributed 'fsdp' shards over several devices: give nproc >= 2")
