@@ -12,7 +12,6 @@ import lorakit
 from lorakit.cli.main import main
 from lorakit.gguf.merge_gguf import merge_to_gguf
 from tests.gguf.helpers import (
-    CHAT_TEMPLATE,
     adapted_llama,
     expected_updates,
     gguf_name,
@@ -21,6 +20,7 @@ from tests.gguf.helpers import (
     read_tensors,
     save,
 )
+from tests.hf.conftest import CHAT_TEMPLATE
 
 CONFIG = lorakit.LoraConfig(r=4, alpha=8, targets="all-linear", use_rslora=True, rank_pattern={"k_proj": 2},
                             alpha_pattern={"down_proj": 3})
@@ -47,7 +47,7 @@ def test_merged_file_equals_lorakits_merged_weights(tmp_path: Path, llama_gguf: 
             want = gguf_order(want, heads) if heads else want
             np.testing.assert_allclose(tensors[gguf_name(path)], want, rtol=0, atol=2e-7, err_msg=path)
     source = read_tensors(llama_gguf)
-    for name in ("token_embd.weight", "output.weight", "output_norm.weight", "blk.1.attn_norm.weight"):
+    for name in ("token_embd.weight", "output_norm.weight", "blk.1.attn_norm.weight"):
         np.testing.assert_array_equal(tensors[name], source[name])
 
 
@@ -82,7 +82,7 @@ def test_metadata_tokenizer_and_template_are_kept(tmp_path: Path, llama_gguf_q8:
     # Untouched Q8_0 matrices are copied byte for byte.
     source = {t.name: t.data for t in gguf.GGUFReader(llama_gguf_q8).tensors}
     written = {t.name: t.data for t in gguf.GGUFReader(out).tensors}
-    for name in ("token_embd.weight", "output.weight", "blk.0.attn_norm.weight"):
+    for name in ("token_embd.weight", "blk.0.attn_norm.weight"):
         np.testing.assert_array_equal(written[name], source[name])
 
 
@@ -132,20 +132,22 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, llama_gguf: Pa
     assert not any((tmp_path / "dir.gguf").iterdir())
 
 
-def test_transformers_reads_the_merged_file_as_base_plus_adapter(tmp_path: Path, llama_gguf: Path) -> None:
-    """An independent reader: transformers' GGUF loader (which undoes the q/k permutation itself) sees
-    the merged file as the base with the adapter active."""
-    from transformers import AutoModelForCausalLM
+def test_lorakit_loads_the_merged_file_as_base_plus_adapter(tmp_path: Path, llama_gguf: Path, monkeypatch) -> None:
+    """An independent reader: lorakit's load_model (transformers' GGUF loader, which undoes the q/k
+    permutation itself) sees the merged file as the base with the adapter active, tokenizer and chat
+    template included."""
+    from lorakit.hf import load_model
+    from tests.models import logits
 
-    from tests.models import logits, tokens
-
+    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(tmp_path / "cache"))
     model = adapted_llama(CONFIG)
     out = tmp_path / "merged.gguf"
     merge_to_gguf(llama_gguf, save(model, tmp_path / "ad"), out, outtype="f32")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
-    ids = tokens()
+    loaded, tokenizer = load_model(str(out))
+    ids = tokenizer("what is the capital of france?", return_tensors="pt").input_ids
     with lorakit.disable_adapters(model):
         base = logits(model, ids)
     want = logits(model, ids)
     assert (want - base).abs().max() > 1e-2  # the adapter does change the output
     torch.testing.assert_close(logits(loaded, ids), want, rtol=1e-5, atol=1e-5)
+    assert tokenizer.chat_template == CHAT_TEMPLATE
