@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from lorakit.serve.server import BackgroundServer
 from tests.hf.conftest import build_model, build_tokenizer
 
 ADAPTERS = [f"a{i}" for i in range(8)]
@@ -25,25 +23,6 @@ class Files:
 
     model: Path
     adapters: Path
-
-
-@dataclass
-class Running:
-    """A server started in a thread; `client()` is the official openai client pointed at it."""
-
-    engine: Any
-    server: Any
-    thread: threading.Thread
-    url: str
-
-    def client(self, api_key: str = "none", **options: Any) -> Any:
-        import openai
-
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **options)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="session")
@@ -80,25 +59,18 @@ def load(files: Files, adapters: list[str] = ADAPTERS) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+class Running(BackgroundServer):
+    """A server on a thread of the test process; `client()` is the official openai client pointed at it."""
+
+    def client(self, api_key: str = "none", **options: Any) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **options)
+
+
 def start(engine: Any, api_key: str | None = None) -> Running:
     """Serve `engine` with uvicorn in a thread on a free port of 127.0.0.1."""
-    import uvicorn
-
-    from lorakit.serve.app import create_app
-
-    with socket.socket() as probe:  # a free port; uvicorn binds it right after
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(create_app(engine, api_key), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    return Running(engine, server, thread, f"http://127.0.0.1:{port}")
+    return Running(engine, api_key=api_key)
 
 
 def make_engine(files: Files, **options: Any) -> Any:
