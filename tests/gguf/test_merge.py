@@ -117,6 +117,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, llama_gguf: Pa
         "quantize": (["--model", str(llama_gguf), "--quantize", "nf4"], "--quantize does not apply"),
         "output folder": (["--model", str(llama_gguf), "--output", str(tmp_path / "dir.gguf")], "is a folder"),
         "output is source": (["--model", str(llama_gguf), "--output", str(llama_gguf)], "is the file being read"),
+        "outtype for a folder": (["--model", str(llama_gguf), "--output", str(tmp_path / "merged"), "--outtype",
+                                  "f16"], "--outtype applies to a .gguf --output only"),
     }
     size = llama_gguf.stat().st_size
     for case, (args, words) in cases.items():
