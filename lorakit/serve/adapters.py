@@ -50,6 +50,7 @@ class AdapterRegistry:
         if name == self.base_name or name in self.paths:
             raise ValueError(f"the name {name!r} is taken already (served: {', '.join(self.names())}); "
                              "choose another or unload it first")
+        _refuse_dora(path)
         with self.model_lock:
             load_adapter(self.model, path, name=name)
         with self.lock:
@@ -84,3 +85,18 @@ class AdapterRegistry:
             del self.paths[name]  # invisible to new requests from here on
         with self.model_lock:
             delete_adapter(self.model, name)
+
+
+def _refuse_dora(path: str | os.PathLike[str]) -> None:
+    """DoRA adapters cannot run per row (each row would need its own weight norm): refuse them at load."""
+    import json
+
+    from lorakit.core.adapter_folder import find_adapter_folder
+
+    try:
+        config = json.loads((find_adapter_folder(path) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return  # load_adapter says what is wrong with the folder
+    if isinstance(config, dict) and config.get("use_dora"):
+        raise ValueError(f"{path} is a DoRA adapter, which lorakit serve cannot run per row; merge it into the base "
+                         "(lorakit merge) and serve that, or serve it with vLLM")

@@ -205,3 +205,13 @@ def test_metrics_count_requests_tokens_batch_and_queue(served):
     assert 'lorakit_generated_tokens_total{model="a7"}' in text
     assert "lorakit_batch_size" in text and "lorakit_queue_length" in text
 
+
+
+def test_dora_adapters_are_refused_at_load(served, files):
+    import json
+
+    shutil.copytree(files.adapters / "a2", files.adapters / "dora", dirs_exist_ok=True)
+    config_file = files.adapters / "dora" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_dora": True}))
+    status, _, body = post(served.url, "/v1/load_lora_adapter", {"lora_name": "d", "lora_path": "dora"})
+    assert status == 400 and "is a DoRA adapter, which lorakit serve cannot run per row" in body["error"]["message"]
