@@ -70,7 +70,13 @@ class LoraConfig:
     init: str = "kaiming"
     """A's initialisation: "kaiming" (uniform, a=sqrt(5), the reference), "gaussian" (std 1/r); B starts
     at zero for both, so a fresh adapter changes nothing. "zeros" makes A and B zero (a placeholder to
-    load weights into), "random" makes B random too (a non-identity adapter, for tests)."""
+    load weights into), "random" makes B random too (a non-identity adapter, for tests).
+    "pissa" (full SVD), "pissa_niter_N" (randomized SVD, N iterations) and "olora" (QR) take A and B
+    from the base weight and leave the residual W - s B A in the base (core/init_methods.py); linear
+    targets only, and on a 4-bit base only with `allow_requantize`."""
+    allow_requantize: bool = False
+    """With a PiSSA/OLoRA init on a 4-bit (NF4) base: quantize the residual again (which adds a
+    quantization error, reported). Without it such an init on a 4-bit base is refused."""
     use_dora: bool = False
     """DoRA (weight-decomposed LoRA): each adapted row also learns a magnitude m (out,), and the layer
     computes (m / ||W + s B A||_row) (W x + s B A x) + bias, the norm detached (core/dora.py). Linear,
@@ -148,11 +154,16 @@ class LoraConfig:
 
 
 def is_init(init: object) -> bool:
-    """Whether `init` names an initialisation: INIT_MODES, "pissa", "pissa_niter_N" (N >= 1) or "olora"."""
+    """Whether `init` names an initialisation: INIT_MODES or an SVD init (`is_svd_init`)."""
+    return init in INIT_MODES or is_svd_init(init)
+
+
+def is_svd_init(init: object) -> bool:
+    """Whether `init` takes the factors from the base weight: "pissa", "pissa_niter_N" (N >= 1) or "olora"."""
     if not isinstance(init, str):
         return False
     niter = re.fullmatch(r"pissa_niter_(\d+)", init)
-    return init in INIT_MODES or init in ("pissa", "olora") or (niter is not None and int(niter.group(1)) >= 1)
+    return init in ("pissa", "olora") or (niter is not None and int(niter.group(1)) >= 1)
 
 
 def _pattern_key(patterns: Mapping[str, object], path: str) -> str | None:

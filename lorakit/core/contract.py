@@ -111,6 +111,11 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.row_adapters: RowAdapters | None = None
+        # PiSSA / OLoRA adapters (init_methods.py): name -> the (A0, B0) they started from, kept for
+        # save_adapter(convert_to_lora=True), and on a 4-bit base the relative error of quantizing the
+        # residual again. Not in the state dict.
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.requantization_error: dict[str, float] = {}
         self.training = base.training  # follow the model's mode, not nn.Module's default
 
     # --- what each kind provides -----------------------------------------------------------------
@@ -155,6 +160,8 @@ class LoraLayer(nn.Module):
         assert name not in self.merged_adapters, "unmerge before deleting"
         self._drop(name)
         del self.scaling[name]
+        self.initial_factors.pop(name, None)
+        self.requantization_error.pop(name, None)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
 
 from lorakit.core.adapters import set_adapter
-from lorakit.core.config import ALL_LINEAR, LoraConfig, path_matches
+from lorakit.core.config import ALL_LINEAR, LoraConfig, is_svd_init, path_matches
 from lorakit.core.contract import SUPPORTED_MODULES, LoraLayer, base_kind, in_out
 from lorakit.core.full_copies import ModulesToSave
 from lorakit.core.layers import LINEAR_KINDS, wrap
 from lorakit.core.registry import adapter_configs, refuse_merged
-from lorakit.core.walk import model_modules, output_head, replace_module, unwrapped
+from lorakit.core.walk import lora_layers, model_modules, output_head, replace_module, unwrapped
 
 # Output heads that "all-linear" leaves alone when the model does not name its own through
 # get_output_embeddings() (classification and QA heads of transformers models).
@@ -43,7 +44,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> 
     refuse_merged(model, "before adding another adapter")
     targets = find_targets(model, config)
     _check_ranks(targets, config)
-    _check_dora(targets, config)
+    _check_variants(targets, config)
     save_paths = _modules_to_save(model, config)
 
     # Everything is validated above: from here on the model changes and nothing raises.
@@ -62,6 +63,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> 
             replace_module(model, path, holder)
         holder.add(name)
 
+    _report_requantization(lora_layers(model), name)
     adapter_configs(model)[name] = config
     model.requires_grad_(False)
     set_adapter(model, name)  # marks the new adapter's A/B (and copies) trainable
@@ -160,11 +162,30 @@ def _check_ranks(targets: list[tuple[str, nn.Module]], config: LoraConfig) -> No
         raise ValueError("r must not exceed min(in, out) of the module:\n  " + "\n  ".join(too_big))
 
 
-def _check_dora(targets: list[tuple[str, nn.Module]], config: LoraConfig) -> None:
-    embeddings = [path for path, module in targets if base_kind(unwrapped(module)) not in LINEAR_KINDS]
+def _check_variants(targets: list[tuple[str, nn.Module]], config: LoraConfig) -> None:
+    """DoRA and PiSSA/OLoRA work on linear targets; PiSSA/OLoRA on a 4-bit base only when allowed."""
+    kinds = {path: base_kind(unwrapped(module)) for path, module in targets}
+    embeddings = [path for path, kind in kinds.items() if kind not in LINEAR_KINDS]
     if config.use_dora and embeddings:
         raise ValueError(f"DoRA (use_dora) works on linear layers (nn.Linear, Conv1D, NF4Linear), not on the "
                          f"embedding(s) {', '.join(embeddings[:3])}; leave them out of targets, or use plain LoRA")
+    if is_svd_init(config.init) and embeddings:
+        raise ValueError(f"init {config.init!r} works on linear layers, not on the embedding(s) "
+                         f"{', '.join(embeddings[:3])}; leave them out of targets, or use init 'kaiming'")
+    quantized = [path for path, kind in kinds.items() if kind == "quantized"]
+    if is_svd_init(config.init) and quantized and not config.allow_requantize:
+        raise ValueError(f"init {config.init!r} turns the base weight into the residual W - s B A, but "
+                         f"{quantized[0]} (and {len(quantized) - 1} more) is 4-bit: pass allow_requantize=True to "
+                         "quantize the residual again (adds a quantization error, reported), or initialise on the "
+                         "unquantized model and quantize afterwards")
+
+
+def _report_requantization(layers: list[LoraLayer], name: str) -> None:
+    errors = [layer.requantization_error[name] for layer in layers if name in layer.requantization_error]
+    if errors:
+        warnings.warn(f"adapter {name!r}: the residual base of {len(errors)} 4-bit layer(s) was quantized again, so "
+                      "Q(W - s B A) + s B A differs from Q(W): relative error ||.||_F / ||Q(W)||_F mean "
+                      f"{sum(errors) / len(errors):.2e}, max {max(errors):.2e}", stacklevel=3)
 
 
 def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:

@@ -25,8 +25,10 @@ from lorakit.core.adapter_folder import (
     read_config_json,
     read_header,
 )
-from lorakit.core.config import LoraConfig
+from lorakit.core.config import LoraConfig, is_svd_init
 from lorakit.core.files import remove_stale_temps, write_folder_atomically
+from lorakit.core.init_methods import convert_to_lora as convert_to_lora_config
+from lorakit.core.init_methods import converted_factors
 from lorakit.core.inject import add_adapter
 from lorakit.core.peft_format import (
     BASE_QUANTIZATION,
@@ -60,7 +62,8 @@ from lorakit.core.walk import lora_layers, unwrapped
 _ADAPTER_FILES = {CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE, "README.md"}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "default") -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "default",
+                 convert_to_lora: bool = False) -> Path:
     """Write adapter `name` as a PEFT adapter folder that PEFT, vLLM and TGI load.
 
     Only the adapter's own tensors go into the file: A and B of each adapted module, the
@@ -75,12 +78,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "de
         model: a model holding adapter `name` (or its torch.compile'd wrapper).
         path: the folder to write (created with its parents when missing).
         name: which adapter to save.
+        convert_to_lora: for a PiSSA/OLoRA adapter (which applies to the residual base W - s B0 A0),
+            write instead the plain rank-2r LoRA that applies to the original base: A' = [A; A0],
+            B' = [B, -B0], alpha doubled (core/init_methods.py). Without it the config records
+            the init, and loading onto a plain base warns.
 
     Returns:
         The folder written.
 
     Raises:
-        ValueError: no adapter of that name, or `path` is an existing file.
+        ValueError: no adapter of that name, `path` is an existing file, or `convert_to_lora`
+            for an adapter without initial factors.
     """
     model = _unwrapped(model)
     if name not in list_adapters(model):
@@ -90,7 +98,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "de
         raise ValueError(f"cannot save an adapter to {folder}: it is a file, and an adapter is a folder")
     config = adapter_configs(model)[name]
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in adapter_state(model, name, config.bias).items()}
-    text = json.dumps(config_to_json(model, name), indent=2, sort_keys=True) + "\n"
+    if convert_to_lora:
+        config = _converted(model, name, config, tensors)
+    text = json.dumps(config_to_json(model, name, config), indent=2, sort_keys=True) + "\n"
     metadata = {"format": "pt", BASE_QUANTIZATION: base_quantization(model, adapter_paths(model, name)[0])}
 
     def write(target: Path) -> None:
@@ -102,6 +112,22 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "de
     # weights before config: a folder with a config always has matching weights.
     write_folder_atomically(folder, write, replaceable=_ADAPTER_FILES, merge_order=(WEIGHTS_FILE, CONFIG_FILE))
     return folder
+
+
+def _converted(model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> LoraConfig:
+    """Turn `tensors` of PiSSA/OLoRA adapter `name` into the rank-2r plain LoRA for the original base."""
+    layers = [layer for layer in lora_layers(model) if name in layer.scaling]
+    missing = [layer.path for layer in layers if name not in layer.initial_factors]
+    if missing:
+        raise ValueError(f"convert_to_lora needs the initial factors A0, B0 of adapter {name!r}, which "
+                         f"{missing[0]} (and {len(missing) - 1} more) does not hold: only an adapter initialised "
+                         f"with init pissa/pissa_niter_N/olora in this process has them (its init: {config.init!r})")
+    for layer in layers:
+        a, b = (t.detach().to("cpu") for t in layer.factors(name))
+        a0, b0 = layer.initial_factors[name]
+        key_a, key_b = (f"{PREFIX}{layer.path}.{key}" for key in layer.peft_keys)
+        tensors[key_a], tensors[key_b] = (t.contiguous() for t in converted_factors(a, b, a0.cpu(), b0.cpu()))
+    return convert_to_lora_config(config)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike[str], name: str | None = None,
@@ -161,6 +187,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], name: str | Non
     check_keys(expected, optional, header.shapes, source, trained_on)
     tensors = _read_tensors(folder / WEIGHTS_FILE)
     mismatch = _base_mismatch(source, header.metadata.get(BASE_QUANTIZATION), base_quantization(model, adapted))
+    mismatch = mismatch or _residual_mismatch(source, raw.get("init_lora_weights"), model)
 
     # The file is checked: from here on the model changes. add_adapter still checks the name and
     # ranks, but before it changes anything, so a refusal there leaves the model untouched too.
@@ -222,6 +249,15 @@ def _base_mismatch(source: str, recorded: str | None, actual: str) -> str | None
                 "(--quantize nf4 on eval, generate and merge; lorakit.quant.quantize_model in Python)")
     return (f"adapter {source} was trained on an unquantized base, but this model's adapted layers are 4-bit "
             "NF4, so it will not behave as in training; load the base without --quantize nf4")
+
+
+def _residual_mismatch(source: str, init: object, model: nn.Module) -> str | None:
+    """The warning for a PiSSA/OLoRA adapter loaded onto a base that is not its residual base, if any."""
+    if not is_svd_init(init) or any(layer.initial_factors for layer in lora_layers(model)):
+        return None  # not such an adapter, or this model's base was turned into a residual in this process
+    return (f"adapter {source} was trained with init {init!r} on the residual base W - s B0 A0, not on this model's "
+            "original weights, so it will not behave as in training; save it with "
+            "save_adapter(..., convert_to_lora=True) for the original base")
 
 
 def _swap_target(model: nn.Module, name: str) -> tuple[set[str], set[str]]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.core.config import is_svd_init
 from lorakit.core.contract import (
     SUPPORTED_MODULES,
     LoraLayer,
@@ -25,6 +26,7 @@ from lorakit.core.contract import (
     init_factors,
 )
 from lorakit.core.dora import Magnitude, dora_delta, dora_output, row_norm, unmerged_weight
+from lorakit.core.init_methods import factors_from_weight, relative_error
 from lorakit.core.lora_function import adapter_input, lora_linear, lora_update
 
 __all__ = ["SUPPORTED_MODULES", "LoraEmbedding", "LoraLayer", "LoraLinear", "base_kind", "in_out", "wrap"]
@@ -76,9 +78,34 @@ class LoraLinear(LoraLayer):
         self.lora_dropout[name].train(self.base.training)  # a new module starts in training mode
         self.shares_dropout_mask[name] = share_dropout_mask
         self.scaling[name] = scale
-        init_factors(self.a(name).weight, self.b(name).weight, init)
+        if is_svd_init(init):
+            self.init_from_weight(name, init)
+        else:
+            init_factors(self.a(name).weight, self.b(name).weight, init)
         if use_dora:
             self.start_magnitude(name)
+
+    def init_from_weight(self, name: str, init: str) -> None:
+        """PiSSA / OLoRA: A and B from the base weight W, which becomes the residual W - s B A.
+
+        A 4-bit base gets a new NF4 weight holding the quantized residual (init_methods.py).
+        """
+        scale = self.scaling[name]
+        weight = self.weight_rows()  # (out, in); a 4-bit base dequantized
+        a0, b0 = factors_from_weight(weight, self.rank(name), scale, init)
+        self.set_factors(name, a0, b0)
+        a0, b0 = (t.detach().clone() for t in self.factors(name))  # in the adapter's dtype
+        self.initial_factors[name] = (a0, b0)
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        with torch.no_grad():
+            update = (b0.to(dtype) @ a0.to(dtype)) * scale
+            residual = weight.to(dtype) - update
+            if self.kind == "quantized":
+                self.base = requantized(self.base, residual)
+                self.requantization_error[name] = relative_error(self.weight_rows(), update, weight.to(dtype))
+            else:
+                base_weight = self._base_weight()
+                base_weight.copy_((residual.T if self.weight_in_by_out else residual).to(base_weight.dtype))
 
     def start_magnitude(self, name: str) -> None:
         """Make adapter `name` a DoRA adapter (again): m = ||W + s B A||_row of the current W, A and B."""
@@ -331,6 +358,16 @@ class LoraEmbedding(LoraLayer):
         rows = F.embedding(ids, a.T, padding_idx=base.padding_idx, max_norm=base.max_norm,
                            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
         return ((rows @ b.T) * self.scaling[name]).to(base.weight.dtype), 1.0
+
+
+def requantized(base: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A new 4-bit linear like `base` (block size, double quantization, bias, compute dtype) holding `weight`."""
+    from lorakit.quant import NF4Linear, quantize_nf4  # torch-only, like core
+
+    assert isinstance(base, NF4Linear)
+    old = base.quantized_weight
+    new = quantize_nf4(weight.to(old.dtype), block_size=old.block_size, double_quant=old.double_quant)
+    return NF4Linear(new, base.bias, base.compute_dtype).train(base.training)
 
 
 LAYER_KINDS = (LoraLinear, LoraEmbedding)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.core.config import ALL_LINEAR, LoraConfig, path_matches
+from lorakit.core.config import ALL_LINEAR, LoraConfig, is_svd_init, path_matches
 from lorakit.core.contract import LoraLayer, base_kind, in_out
 from lorakit.core.full_copies import ModulesToSave
 from lorakit.core.inject import find_targets
@@ -178,9 +178,13 @@ def modules_to_save_paths(model: nn.Module, names: Iterable[str]) -> list[str]:
 
 # --- config --------------------------------------------------------------------------------------
 
-def config_to_json(model: nn.Module, name: str) -> dict[str, Any]:
-    """adapter_config.json for adapter `name`, with the keys PEFT, vLLM and TGI read."""
-    config = adapter_configs(model)[name]
+def config_to_json(model: nn.Module, name: str, config: LoraConfig | None = None) -> dict[str, Any]:
+    """adapter_config.json for adapter `name` (with `config` instead of its own, when given).
+
+    Holds the keys PEFT, vLLM and TGI read. A PiSSA/OLoRA adapter records its init as PEFT does
+    (`init_lora_weights: "pissa"`): it applies to the residual base, not to the original one.
+    """
+    config = config or adapter_configs(model)[name]
     layers = [layer for layer in lora_layers(model) if name in layer.scaling]
     targets, exclude, layer_indices = _target_modules(model, config, {layer.path for layer in layers})
     data: dict[str, Any] = {
@@ -198,7 +202,7 @@ def config_to_json(model: nn.Module, name: str) -> dict[str, Any]:
         "alpha_pattern": {k: _plain_number(v) for k, v in config.alpha_pattern.items()},
         "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
         "inference_mode": True,
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "init_lora_weights": config.init if config.init == "gaussian" or is_svd_init(config.init) else True,
         "use_dora": config.use_dora,
     }
     if exclude is not None:
