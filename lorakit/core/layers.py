@@ -168,9 +168,8 @@ class LoraLinear(LoraLayer):
         path = self.path_for(x.dtype, torch.is_autocast_enabled(x.device.type))
         live = self.live_adapters()
         if path == FUSED:  # the base and the one adapter in one autograd function (lora_function.py)
-            h = lora_linear(x, *self.fused_arguments(live[0]), self.shares_dropout_mask[live[0]],
-                            reader=(id(self), live[0]))
-            return self._dora(live[0], h) if self.uses_dora(live[0]) else h
+            return lora_linear(x, *self.fused_arguments(live[0]), self.shares_dropout_mask[live[0]],
+                               reader=(id(self), live[0]))
         h = base_out = self.base(x)  # W0 x + bias: (..., out)
         for name in live:
             a, b, s = *self.factors(name), self.scaling[name]  # A: (r, in), B: (out, r)
@@ -212,7 +211,7 @@ class LoraLinear(LoraLayer):
         - "fused": `LoraLinearFunction`, the base matmul and the one live adapter as one autograd
           function that keeps x (which the model keeps anyway), x A^T and a 1-byte dropout mask.
           Needs a frozen nn.Linear base, exactly one live adapter, x, W, A and B in one dtype,
-          and autocast off (`fused_adapter`).
+          and autocast off, and a plain (not DoRA) adapter (`fused_adapter`).
         - "update": `LoraUpdateFunction` per adapter, added to the base's output with the same
           savings: a Conv1D or 4-bit base, or several adapters. Needs x and every live adapter
           in one dtype, autocast off.
@@ -231,7 +230,8 @@ class LoraLinear(LoraLayer):
         if self.disabled or self.row_adapters is not None or self.kind != "linear" or autocast:
             return None
         live = self.live_adapters()
-        if len(live) != 1:
+        # DoRA rescales the output after the update: not a plain fused LoRA (hf/fused_mlp.py asks too)
+        if len(live) != 1 or self.uses_dora(live[0]):
             return None
         base = cast(nn.Linear, self.base)
         a, b = self.factors(live[0])

@@ -200,7 +200,8 @@ class TrainConfig:
         """The adapter this run trains."""
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
                           use_rslora=self.use_rslora, share_dropout_mask=self.share_dropout_mask,
-                          use_dora=self.use_dora, init=self.init)
+                          use_dora=self.use_dora, init=self.init,
+                          allow_requantize=self.quantize is not None)  # --quantize with --init pissa asks for both
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.core.adapters import trainable_parameters_line
-from lorakit.core.config import LoraConfig
+from lorakit.core.config import LoraConfig, is_svd_init
 from lorakit.core.inject import add_adapter
 from lorakit.data import (
     DataPosition,
@@ -232,7 +232,7 @@ def _run(config: TrainConfig, world: World, output_dir: Path, resume_from: Path 
     adapter_dir = output_dir / "adapter"
     metrics_path = output_dir / "metrics.jsonl"
     plot_path = output_dir / "loss.png"
-    _save_adapter(model, adapter_dir, world)
+    _save_adapter(model, adapter_dir, world, convert_to_lora=is_svd_init(config.init))
     if metrics is not None:
         plot_path = plot_losses(metrics.events(), plot_path)
     return TrainResult(adapter_dir=adapter_dir, metrics_path=metrics_path, plot_path=plot_path, steps=step,
@@ -240,14 +240,19 @@ def _run(config: TrainConfig, world: World, output_dir: Path, resume_from: Path 
                        seconds=time.perf_counter() - started)
 
 
-def _save_adapter(model: nn.Module, folder: Path, world: World) -> None:
-    """Rank 0 writes the whole adapter (under FSDP2 every rank first helps gather its shards)."""
+def _save_adapter(model: nn.Module, folder: Path, world: World, convert_to_lora: bool = False) -> None:
+    """Rank 0 writes the whole adapter (under FSDP2 every rank first helps gather its shards).
+
+    A PiSSA/OLoRA adapter is written for the original base (`convert_to_lora`, rank 2r), so the
+    run's adapter/ works with `lorakit eval`/`generate` on the model as loaded; its checkpoints
+    keep the trained rank-r factors, which resume needs.
+    """
     from lorakit.core.io import save_adapter
 
     whole = {n: full_tensor(p) for n, p in model.named_parameters() if p.requires_grad}
     if world.is_main:
         with whole_trainables(model, whole):
-            save_adapter(model, folder, name=ADAPTER_NAME)
+            save_adapter(model, folder, name=ADAPTER_NAME, convert_to_lora=convert_to_lora)
 
 
 def _records(config: TrainConfig) -> tuple[list, list]:

@@ -9,7 +9,7 @@ import lorakit
 from lorakit import LoraConfig, add_adapter, merge, merge_and_unload, unmerge
 from lorakit.core import dora, lora_function
 from lorakit.core.combine import combine_adapters
-from lorakit.core.layers import AUTOGRAD, FUSED, UPDATE, LoraLinear
+from lorakit.core.layers import AUTOGRAD, UPDATE, LoraLinear
 from lorakit.quant import quantize_model
 from tests.models import logits, tiny_llama, tokens
 
@@ -57,13 +57,24 @@ def assert_values_and_gradients(layer, x, expected_path, masks=None, tol=1e-12):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("path", [FUSED, UPDATE, AUTOGRAD])
+@pytest.mark.parametrize("path", [UPDATE, AUTOGRAD])
 def test_every_path_gives_the_float64_formulas_values_and_gradients(path):
     layer = dora_linear()
-    if path != FUSED:
-        layer.path_for = lambda dtype, autocast: path  # force the path under test
+    assert layer.path_for(torch.float64, False) == UPDATE  # DoRA is never the fused plain-LoRA function
+    layer.path_for = lambda dtype, autocast: path  # force the path under test
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     assert_values_and_gradients(layer, x, path)
+
+
+def test_the_fused_mlp_leaves_a_dora_down_proj_to_its_layer():
+    from lorakit import fuse_gated_mlps
+
+    model = trained_dora_model(LoraConfig(r=4, alpha=8, use_dora=True, targets=["down_proj"]))
+    ids = tokens()
+    expected = logits(model, ids)
+    fuse_gated_mlps(model)
+    assert model.model.layers[0].mlp.down_proj.fused_adapter(torch.float32, False) is None
+    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-6)
 
 
 def test_a_dora_adapter_beside_a_plain_one_rescales_only_the_base_as_in_peft():

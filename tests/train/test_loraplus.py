@@ -96,3 +96,19 @@ def test_the_cli_flags(tmp_path, capsys):
     flags = {flag: field for flag, field, _, _ in FLAGS}
     assert flags["--loraplus-ratio"] == "loraplus_ratio" and flags["--dora"] == "use_dora"
     assert TrainConfig(data="x", use_dora=True).lora_config().use_dora
+
+
+def test_a_run_with_dora_pissa_and_loraplus_writes_a_plain_adapter_for_the_original_base(tmp_path):
+    from lorakit.core.io import load_adapter
+    from tests.models import logits
+
+    data = write_data(tmp_path)
+    model, tokenizer = tiny_model_and_tokenizer()
+    result = train(config(tmp_path, data, use_dora=True, init="pissa_niter_2", loraplus_ratio=4.0, dropout=0.0),
+                   model, tokenizer)
+    written = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert (written["use_dora"], written["r"], written["init_lora_weights"]) == (True, 8, True)  # converted: 2r
+    fresh, _ = tiny_model_and_tokenizer()
+    load_adapter(fresh, result.adapter_dir)
+    ids = tokens(vocab=len(tokenizer))
+    torch.testing.assert_close(logits(fresh, ids), logits(model.eval(), ids), rtol=0, atol=1e-4)
