@@ -86,6 +86,7 @@ def start(config: TrainConfig) -> World:
             raise ValueError("--distributed fsdp needs several processes: pass --nproc N (nproc: N in the "
                              "distributed: section), or start with torchrun --nproc-per-node N -m lorakit train ...")
         return World(device=_device(config.device, 0))
+    _end_with_the_launcher()
     strategy = settings.strategy if settings is not None else "ddp"
     local_rank = int(os.environ["LOCAL_RANK"])
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
@@ -111,6 +112,22 @@ def start(config: TrainConfig) -> World:
                   strategy=strategy, device=device)
     check_same_settings(world, config)
     return world
+
+
+def _end_with_the_launcher() -> None:
+    """Have Linux SIGKILL this rank when the process that started it dies.
+
+    torchrun starts every rank in a session of its own, so a SIGKILL of the launcher (`kill -9` of
+    `lorakit train --nproc N`, or of torchrun) would leave the ranks running on their own, still
+    training and writing into the output folder, and holding its lock. Elsewhere than Linux: no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # from <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
 
 
 def _leave() -> None:

@@ -167,13 +167,18 @@ def assert_same_steps(run: Path, reference: Path) -> None:
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-5, atol=0)
 
 
-def resume_on_one_process(tmp_path: Path, source: str, name: str, **overrides: Any) -> Path:
-    """Copy a finished run, drop everything after checkpoint-2 (as kill -9 there would) and resume it."""
-    folder = tmp_path / name
-    shutil.copytree(tmp_path / source, folder)
+def cut_at_checkpoint_2(source: Path, folder: Path) -> Path:
+    """A copy of a finished run with everything after checkpoint-2 dropped, as kill -9 there would leave it."""
+    shutil.copytree(source, folder)
     for stale in ("checkpoint-4", "adapter", "loss.png"):
         shutil.rmtree(folder / stale, ignore_errors=True)
         (folder / stale).unlink(missing_ok=True)
+    return folder
+
+
+def resume_on_one_process(tmp_path: Path, source: str, name: str, **overrides: Any) -> Path:
+    """Cut a finished run at checkpoint-2 and resume it in this one process."""
+    folder = cut_at_checkpoint_2(tmp_path / source, tmp_path / name)
     values = {**settings(tmp_path, name, resume=True, distributed=None), **overrides}
     train(TrainConfig(**values), *model64())
     return folder
@@ -227,14 +232,19 @@ def test_ddp_equals_one_process_and_resumes_on_one(reference, tmp_path, capfd):
 
 def test_fsdp2_equals_one_process_shards_the_base_and_resumes_on_one(reference, tmp_path, capfd):
     fsdp = {"strategy": "fsdp"}
+    # Checkpointed by one process, resumed on 2 ranks: rank 0 reads the whole tensors, each rank keeps its shard.
+    cut_at_checkpoint_2(reference / "single", tmp_path / "fsdp_from_one")
     outcomes = run_ranks([settings(tmp_path, "fsdp", batch_size=2, distributed=fsdp),
                           settings(tmp_path, "fsdp_gc", batch_size=2, distributed=fsdp, gradient_checkpointing=True),
                           settings(tmp_path, "fsdp_qlora", batch_size=2, distributed=fsdp, quantize="nf4"),
-                          nf4_shards])
-    assert [outcome[:3] for outcome in outcomes] == [["ok", "ok", "ok"], ["ok", "ok", "ok"]]
+                          nf4_shards,
+                          # (the reference's data file: resume checks that the data is the same)
+                          settings(reference, "fsdp_from_one", batch_size=2, distributed=fsdp, resume=True,
+                                   output_dir=str(tmp_path / "fsdp_from_one"))])
+    assert [outcome[:3] + outcome[4:] for outcome in outcomes] == [["ok"] * 4, ["ok"] * 4]
     printed = capfd.readouterr().out
     lines = [line for line in printed.splitlines() if line.startswith("base weights per rank:")]
-    assert len(lines) == 2 + 1  # rank 0 alone prints, once per run (float64, gradient checkpointing, QLoRA)
+    assert len(lines) == 4  # rank 0 alone prints, once per run (float64, gradient checkpointing, QLoRA, resumed)
     for line in lines:
         local, whole = (int(x.replace(",", "")) for x in line.split("; ")[1].split()[0:3:2])
         assert 0.45 * whole < local < 0.55 * whole, line  # about half of the base on each of 2 ranks
@@ -254,8 +264,10 @@ def test_fsdp2_equals_one_process_shards_the_base_and_resumes_on_one(reference, 
     assert_close_adapters(final_adapter(tmp_path / "fsdp_gc"), final_adapter(reference / "single_gc"))
     # QLoRA under FSDP2, the NF4 codes and scales sharded.
     assert_close_qlora(final_adapter(tmp_path / "fsdp_qlora"), final_adapter(reference / "single_qlora"))
-    # The checkpoint holds whole tensors: one process continues from it.
+    # The checkpoint holds whole tensors: one process continues from it, and 2 ranks from one process's.
     assert_close_adapters(final_adapter(resume_on_one_process(tmp_path, "fsdp", "fsdp_resumed")), single)
+    assert_close_adapters(final_adapter(tmp_path / "fsdp_from_one"), single)
+    assert_same_steps(tmp_path / "fsdp_from_one", reference / "single")  # metrics.jsonl continued, not restarted
 
 
 def test_fsdp_without_several_processes_is_a_clear_error(tmp_path):

@@ -1,13 +1,18 @@
-"""`lorakit train --nproc 2`: the command re-launches itself under torchrun; rank 0 alone prints and writes."""
+"""`lorakit train --nproc 2`: the command re-launches itself under torchrun; rank 0 alone prints and writes;
+kill -9 of the whole job, then --resume, gives the uninterrupted adapter."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from lorakit.cli.main import main
 from tests.train.helpers import tiny_model_and_tokenizer, write_data
@@ -64,3 +69,38 @@ def test_the_distributed_section_of_a_yaml_file_and_the_flags_meet(tmp_path):
         from lorakit.train import TrainConfig
 
         TrainConfig.from_dict({"data": "x", "distributed": {"stratgy": "ddp"}})
+
+
+def test_kill_9_of_the_whole_job_then_resume_on_one_process_gives_the_uninterrupted_adapter(model_dir, tmp_path):
+    import psutil
+
+    data = write_data(tmp_path)
+
+    def command(out: str, *extra: str) -> list[str]:
+        return ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / out),
+                "--max-steps", "16", "--r", "2", "--dropout", "0", "--batch-size", "2", "--global-batch-size", "8",
+                "--max-length", "32", "--save-every", "2", "--no-progress", *extra]
+
+    # 2 ranks (torchrun, gloo); SIGKILL to the launcher's process group as soon as a checkpoint is on disk.
+    # torchrun starts each rank in a session of its own, out of that group: the ranks must end with it.
+    job = subprocess.Popen([sys.executable, "-m", "lorakit", *command("killed", "--nproc", "2")], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 170
+    while not (tmp_path / "killed" / "checkpoint-2").is_dir() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    everyone = psutil.Process(job.pid).children(recursive=True)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    _, alive = psutil.wait_procs(everyone, timeout=30)
+    assert not alive, [p.cmdline()[-4:] for p in alive]
+    assert (tmp_path / "killed" / "checkpoint-2").is_dir(), job.stderr.read()[-2000:] if job.stderr else ""
+    assert not (tmp_path / "killed" / "adapter").exists()  # it really was cut short
+
+    assert main(command("killed", "--resume")) == 0  # one process, the same global batch (2 rows x 4)
+    assert main(command("straight")) == 0
+    resumed = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
+    straight = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    assert resumed.keys() == straight.keys()
+    for key in straight:  # float32: the ranks sum their gradients in another order than one process
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-4)
