@@ -1,7 +1,7 @@
 """LoRA variants on the demo task at one budget: steps to 90% exact match, and the final score.
 
     .venv/bin/python -m benchmarks.variant_learning [--variants lora,dora,pissa,loraplus] [--steps 60]
-        [--every 10] [--json PATH]
+        [--every 10] [--eval-limit N] [--json PATH]
 
 Trains the demo's task (dates to ISO 8601, demo/data) on the default model with `make demo`'s
 settings (r=16, alpha=32, no dropout, lr 2e-3, 5 warm-up steps, batch 16), once per variant:
@@ -40,7 +40,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 TARGET = 0.9
 
 
-def one_run(variant: str, steps: int, every: int, work: Path) -> dict[str, Any]:
+def one_run(variant: str, steps: int, every: int, work: Path, limit: int | None) -> dict[str, Any]:
     torch.manual_seed(0)
     model, tokenizer = load_model("default")
     config = TrainConfig(data=str(DATA / "train.jsonl"), output_dir=str(work / variant), r=16, alpha=32, dropout=0.0,
@@ -50,7 +50,7 @@ def one_run(variant: str, steps: int, every: int, work: Path) -> dict[str, Any]:
     result = train(config, model, tokenizer)
     seconds = time.perf_counter() - started
     test_records, _ = load_records(DATA / "test.jsonl")
-    pairs = eval_pairs(test_records, tokenizer)
+    pairs = eval_pairs(test_records[:limit], tokenizer)
     scores: dict[int, float] = {}
     for checkpoint in list_checkpoints(result.adapter_dir.parent):
         load_adapter(model, checkpoint / "adapter", name="default", replace=True)
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--eval-limit", type=int, default=None, help="score only the first N held-out dates")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     with tempfile.TemporaryDirectory() as work:
         for variant in args.variants.split(","):
-            runs.append(one_run(variant, args.steps, args.every, Path(work)))
+            runs.append(one_run(variant, args.steps, args.every, Path(work), args.eval_limit))
     info = machine()
     print(f"\nMachine: {info.get('cpu', '?')}, torch {torch.__version__}; demo task, {args.steps} steps of batch 16, "
           f"scored every {args.every} steps on {runs[0]['n']} held-out dates\n")

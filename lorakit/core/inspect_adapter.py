@@ -25,6 +25,7 @@ from lorakit.core.adapter_folder import (
     read_header,
 )
 from lorakit.core.config import LoraConfig
+from lorakit.core.layers import DORA_KEY
 from lorakit.core.peft_format import (
     A_SUFFIXES,
     BASE_QUANTIZATION,
@@ -112,7 +113,8 @@ def _summary(folder: Path, raw: dict, config: LoraConfig | None, header: Header,
     if config is not None:
         plain = replace(config, rank_pattern={}, alpha_pattern={})  # the scale of modules without an override
         scale = f" (scale {plain.scale_for(''):g}{', rsLoRA' if config.use_rslora else ''})"
-        method = (f"LORA, r={config.r}, alpha={config.alpha:g}{scale}, dropout {config.dropout}, "
+        variant = " + DoRA" if config.use_dora else ""
+        method = (f"LORA{variant}, r={config.r}, alpha={config.alpha:g}{scale}, dropout {config.dropout}, "
                   f"bias {config.bias}")
     else:
         method = ", ".join(f"{key}={raw.get(key)!r}" for key in ("peft_type", "r", "lora_alpha", "lora_dropout",
@@ -188,9 +190,12 @@ def _other_tensors(shapes: dict[str, tuple[int, ...]], modules: dict[str, str], 
     listed = config.modules_to_save if config is not None else raw.get("modules_to_save")
     saved = [name for name in (listed or []) if isinstance(name, str)] if isinstance(listed, list | tuple) else []
     copies: Counter[str] = Counter()
-    biases = other = 0
+    biases = other = magnitudes = 0
     for key in shapes:
         if key in lora_keys:
+            continue
+        if key.endswith("." + DORA_KEY):
+            magnitudes += numel[key]
             continue
         module = key[len(PREFIX):].rsplit(".", 1)[0]
         copy = next((name for name in saved if re.search(rf"(^|\.){re.escape(name)}(\.|$)", module)), None)
@@ -205,6 +210,8 @@ def _other_tensors(shapes: dict[str, tuple[int, ...]], modules: dict[str, str], 
         out.append(f"{'full copies':<12} " + ", ".join(f"{n} ({c:,} parameters)" for n, c in sorted(copies.items())))
     if biases:
         out.append(f"{'biases':<12} {biases:,} parameters")
+    if magnitudes:
+        out.append(f"{'DoRA':<12} {magnitudes:,} magnitude values (one per output row)")
     # "other" is what PEFT writes beside a targeted embedding: the whole base layer, not trained.
     extra = f" (the file also holds {other:,} values of full base layers)" if other else ""
     out.append(f"{'parameters':<12} {sum(numel.values()) - other:,} trainable{extra}")

@@ -242,3 +242,14 @@ def test_combine_and_per_row_refuse_dora_adapters():
 def test_the_setting_is_validated():
     with pytest.raises(ValueError, match="use_dora must be True or False, got 'yes'"):
         LoraConfig(use_dora="yes")
+
+
+def test_inspect_names_dora_and_counts_the_magnitudes(tmp_path):
+    from lorakit.core.inspect_adapter import inspect_adapter
+    from lorakit.core.io import save_adapter
+
+    model = add_adapter(tiny_llama(), LoraConfig(r=4, alpha=8, use_dora=True, targets=["q_proj"]))
+    save_adapter(model, tmp_path)
+    text = inspect_adapter(tmp_path).text
+    assert "LORA + DoRA, r=4" in text and "DoRA         64 magnitude values" in text
+    assert "parameters   576 trainable\n" in text  # 2 x (4 x 32 + 32 x 4) + 2 x 32
