@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -161,7 +161,9 @@ def estimate(model: str | os.PathLike[str], r: int = 16, alpha: float | None = N
              f"QLoRA: {quantized:,d} linear weights in NF4 ({NF4_BITS:.3f} bits each), the rest in {dtype}",
              "formulas and conventions: docs/estimate.md" + (", docs/distributed.md" if distributed else ""))
     if distributed:
-        memory = per_device(memory, _units(net, quantized_paths, size), nproc, distributed)
+        sizes = _units(net, quantized_paths, size)
+        memory = {m: replace(one, **per_device(one.weights, one.gradients, one.optimizer, sizes[m], nproc, distributed))
+                  for m, one in memory.items()}
     shown = os.fspath(model)
     shown = f"{shown} ({DEFAULT_MODEL})" if shown.strip().lower() == "default" else shown
     return Estimate(model=shown, description=_describe_model(net, shape), adapter=_describe_lora(lora),

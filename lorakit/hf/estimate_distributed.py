@@ -16,16 +16,12 @@ are reduce-scattered from a unit's whole gradients to the rank's shard.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
 from lorakit.hf.decoder import decoder_layers
-
-if TYPE_CHECKING:
-    from lorakit.hf.estimate import Memory
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -83,19 +79,15 @@ def units(model: nn.Module, weight_bytes: Callable[[str, int], int], trains: Cal
                  root_gradients=total[1] - sum(g for _, g in per_layer))
 
 
-def per_device(memory: Mapping[str, Memory], method_units: Mapping[str, Units], nproc: int,
-               distributed: str) -> dict[str, Memory]:
-    """Each method's memory as one of `nproc` ranks holds it under `distributed` (ddp or fsdp)."""
-    result = {}
-    for method, one in memory.items():
-        if distributed == "ddp":
-            result[method] = replace(one, gradients=2 * one.gradients)
-            continue
-        unit = method_units[method]
-        result[method] = replace(one, weights=-(-one.weights // nproc) + unit.root + 2 * unit.layer,
-                                 gradients=-(-one.gradients // nproc) + unit.root_gradients + unit.layer_gradients,
-                                 optimizer=-(-one.optimizer // nproc))
-    return result
+def per_device(weights: int, gradients: int, optimizer: int, unit: Units, nproc: int,
+               distributed: str) -> dict[str, int]:
+    """One process's weights, gradients and optimizer bytes as one of `nproc` ranks holds them under
+    `distributed` (ddp or fsdp); activations do not change (each rank runs its own micro-batch)."""
+    if distributed == "ddp":
+        return {"weights": weights, "gradients": 2 * gradients, "optimizer": optimizer}
+    return {"weights": -(-weights // nproc) + unit.root + 2 * unit.layer,
+            "gradients": -(-gradients // nproc) + unit.root_gradients + unit.layer_gradients,
+            "optimizer": -(-optimizer // nproc)}
 
 
 def describe(nproc: int, distributed: str) -> str:
