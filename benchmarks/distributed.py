@@ -55,8 +55,13 @@ def build(model_name: str, device: torch.device, dtype: torch.dtype) -> torch.nn
 
     config = LlamaConfig(**SHAPES[model_name], max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
-    with torch.device(device):
-        return LlamaForCausalLM(config).to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: an 8B model in fp32 would need 32 GB first
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def worker(args: argparse.Namespace) -> None:
