@@ -73,8 +73,10 @@ def lorakit_logits(model: Any, ids: list[int]) -> np.ndarray:
 def llama(model_path: Path, lora: Path | None = None, n_ctx: int = 512) -> Any:
     from llama_cpp import Llama
 
+    # One thread: ggml's workers spin at each barrier, which costs far more than it gains on a busy
+    # 2-core machine; a 135M model is quick on one.
     return Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, logits_all=True,
-                 n_threads=2, verbose=False, seed=0)
+                 n_threads=1, n_threads_batch=1, verbose=False, seed=0)
 
 
 def llamacpp_logits(llm: Any, ids: list[int]) -> np.ndarray:
@@ -206,9 +208,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         adapter = lorakit.save_adapter(model, work / "adapter")
         base = f32_base(work)
         figures["adapter_effect"] = adapter_effect(model, tokenizer, adapter, base, work, args.positions)
+        print("adapter effect:", json.dumps(figures["adapter_effect"]), flush=True)
         figures["merged"] = merged_generation(model, tokenizer, adapter, work)
+        print("merged:", json.dumps(figures["merged"]), flush=True)
         if args.demo_adapter:
             figures["demo"] = demo_exact_match(Path(args.demo_adapter), base, work)
+            print("demo:", json.dumps(figures["demo"]), flush=True)
     figures["seconds"] = round(time.perf_counter() - started)
     _print(figures)
     if args.json:
