@@ -1,8 +1,9 @@
 """The running batch's KV cache: one transformers DynamicCache whose rows come and go.
 
-Each sequence is prefilled alone into a DynamicCache of its own (keys and values per layer:
-(1, kv_heads, length, head_dim)); joining the batch pastes its rows under the batch's, padded
-on the left to a common length, and leaving drops its row (`batch_select_indices`). The mask
+The requests joining at one step are prefilled together into a DynamicCache of their own (keys
+and values per layer: (rows, kv_heads, length, head_dim), prompts padded on the left); joining
+the batch pastes those rows under the batch's, padded on the left to a common length, and
+leaving drops a row (`batch_select_indices`). The mask
 marks the padding, which attention then skips exactly (a masked score contributes exp(-inf) = 0),
 and each row's positions count its real tokens only, so a row's logits are the ones it would get
 alone. Columns that are padding in every row are cut off, so a long-gone long prompt does not keep
@@ -36,20 +37,18 @@ class BatchCache:
     def width(self) -> int:
         return int(self.mask.shape[1])
 
-    def add(self, cache: Any, length: int) -> None:
-        """Append a one-row cache of a prefilled sequence of `length` tokens as the last row."""
+    def add(self, cache: Any, mask: torch.Tensor, lengths: list[int]) -> None:
+        """Append the rows of a prefilled cache (left-padded as `mask` (rows, columns) says) as the last rows."""
         check_layers(cache)
         if self.cache is None or self.rows == 0:
-            self.cache, self.positions = cache, [length]
-            self.mask = torch.ones(1, length, dtype=torch.long, device=_device(cache))
+            self.cache, self.mask, self.positions = cache, mask, list(lengths)
             return
-        width = max(self.width, length)
+        width = max(self.width, int(mask.shape[1]))
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
-        new_row = F.pad(torch.ones(1, length, dtype=torch.long, device=self.mask.device), (width - length, 0))
-        self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), new_row])
-        self.positions.append(length)
+        self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), F.pad(mask, (width - mask.shape[1], 0))])
+        self.positions += lengths
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order), then cut the columns that are padding in all of them."""
@@ -95,6 +94,3 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
     missing = width - tensor.shape[2]
     return tensor if missing == 0 else F.pad(tensor, (0, 0, missing, 0))
 
-
-def _device(cache: Any) -> torch.device:
-    return cache.layers[0].keys.device

@@ -4,17 +4,17 @@ Each step, on the scheduler's own thread (torch releases the GIL inside its ops,
 event loop keeps answering):
 
 1. rows whose request finished, failed or was abandoned (client gone) leave the batch;
-2. waiting requests join, up to `max_batch` running: each is prefilled alone (its prompt, its
-   adapter) into a KV cache of its own, which joins the batch cache (`batch_cache.BatchCache`),
-   and its first token is picked;
+2. waiting requests join, up to `max_batch` running: their prompts are prefilled together in
+   one left-padded forward (each row with its adapter) into a KV cache that joins the batch
+   cache (`batch_cache.BatchCache`), and each picks its first token;
 3. one forward over all running rows, one new token each, inside `adapters_per_row`, so each row
    runs its own adapter (or none) in the same forward; then each row picks its next token.
 
 A request therefore joins at the next step and leaves when it finishes, never waiting for the
 batch to drain. The model lock is held for a whole step, so loading or unloading an adapter
 (`adapters.AdapterRegistry`) happens between steps. An exception in one request's prefill or
-sampling fails that request only; when a batched forward raises, each row is retried alone to
-find the failing ones, and the others go on.
+sampling fails that request only; when a batched forward (prefill or decode) raises, each row
+is retried alone to find the failing ones, and the others go on.
 """
 
 from __future__ import annotations
@@ -108,32 +108,51 @@ class Scheduler:
         self.batch.keep(keep)
 
     def _admit(self) -> list[Sequence]:
-        admitted = []
-        while len(self.running) < self.max_batch:
-            with self._wake:
-                if not self.waiting:
-                    break
+        joining: list[Sequence] = []
+        with self._wake:
+            while self.waiting and len(self.running) + len(joining) < self.max_batch:
                 sequence = self.waiting.popleft()
-                self.metrics.queue.set(len(self.waiting))
-            if sequence.cancelled.is_set():
-                continue
-            sequence.admitted_at = time.monotonic()
-            try:
-                cache, logits = self._prefill(sequence)
-                self._pick(sequence, logits)
-            except Exception as err:  # this request's failure only
-                sequence.fail(err)
-            else:
-                self.batch.add(cache, len(sequence.prompt_ids))
-                self.running.append(sequence)
-            admitted.append(sequence)
-        return admitted
+                if not sequence.cancelled.is_set():
+                    sequence.admitted_at = time.monotonic()
+                    joining.append(sequence)
+            self.metrics.queue.set(len(self.waiting))
+        if not joining:
+            return []
+        try:  # all joining prompts in one left-padded forward, each row with its adapter
+            cache, mask, logits = self._prefill(joining)
+        except Exception:  # find the failing prompts: each alone, the rest join one by one
+            for sequence in joining:
+                try:
+                    cache, mask, logits = self._prefill([sequence])
+                except Exception as err:  # this request's failure only
+                    sequence.fail(err)
+                else:
+                    self._join([sequence], cache, mask, logits)
+            return joining
+        self._join(joining, cache, mask, logits)
+        return joining
 
-    def _prefill(self, sequence: Sequence) -> tuple[Any, torch.Tensor]:
-        ids = torch.tensor([sequence.prompt_ids], device=self.device)
-        with adapters_per_row(self.model, [sequence.adapter]):
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        return getattr(out, self.cache_arg), out.logits[0, -1]
+    def _prefill(self, rows: list[Sequence]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(KV cache, padding mask, last-position logits (rows, vocab)) of the rows' prompts, left-padded."""
+        from lorakit.hf.generate import left_pad
+
+        ids, mask = left_pad([s.prompt_ids for s in rows], pad_token_id=0)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens, as generate does
+        with adapters_per_row(self.model, [s.adapter for s in rows]):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1)
+        return getattr(out, self.cache_arg), mask, out.logits[:, -1]
+
+    def _join(self, rows: list[Sequence], cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Pick each prefilled row's first token; the rows that did not fail join the batch."""
+        for i, sequence in enumerate(rows):
+            try:
+                self._pick(sequence, logits[i])
+            except Exception as err:
+                sequence.fail(err)
+        self.batch.add(cache, mask, [len(s.prompt_ids) for s in rows])
+        self.running.extend(rows)  # a failed row leaves at the next _drop_finished
 
     def _decode(self, rows: list[Sequence], batch: BatchCache) -> torch.Tensor:
         """One forward of one token per row; the batch cache grows by one column. Logits: (rows, vocab)."""

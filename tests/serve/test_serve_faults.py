@@ -166,13 +166,15 @@ def test_load_then_unload_at_run_time(slow, files, reference):
     assert status == 404 and "adapter 'fresh' is not loaded" in body["error"]["message"]
 
 
-def test_an_exception_in_one_request_fails_it_alone(slow, reference):
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_an_exception_in_one_request_fails_it_alone(slow, reference, phase):
     model = slow.engine.model
     layer = lora_layers(model)[0]
 
-    def poison(module, args, kwargs):  # decode steps that include adapter a6 fail
+    def poison(module, args, kwargs):  # forwards of this phase that include adapter a6 fail
         plan = layer.row_adapters
-        if plan is not None and "a6" in plan.names and kwargs["input_ids"].shape[1] == 1:
+        decoding = kwargs["input_ids"].shape[1] == 1
+        if plan is not None and "a6" in plan.names and decoding == (phase == "decode"):
             raise RuntimeError("injected fault")
 
     handle = model.model.register_forward_pre_hook(poison, with_kwargs=True)
