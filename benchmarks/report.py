@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.roofline import __doc__ as FLOP_DOC
+from benchmarks.sections import render_sections
 
 LABELS = {
     "lorakit_gc0": "lorakit",
@@ -117,7 +118,8 @@ def _row(measure: str, ours: str, theirs: str, ratio: float | None, target: str,
 
 def render(results: dict[str, Any]) -> str:
     parts = [_header(results), _summary(results), _limits(results), _training(results), _roofline(results),
-             _generation(results), _per_row(results), _qlora(results), _cuda(results), _notes(results)]
+             _generation(results), render_sections(results.get("sections", {})), _qlora(results), _cuda(results),
+             _notes(results)]
     return "\n".join(p for p in parts if p).rstrip() + "\n"
 
 
@@ -283,16 +285,6 @@ def _generation(results: dict[str, Any]) -> str:
              f"{_yes(gen['same_tokens']['lorakit_merged_vs_unmerged'])}. Merge runs (s): lorakit "
              f"{_floats(merge['lorakit']['runs'])}, PEFT {_floats(merge['peft']['runs'])}."]
     return "\n".join(lines) + "\n"
-
-
-def _per_row(results: dict[str, Any]) -> str:
-    per_row = results.get("per_row")
-    if not per_row:
-        return ""
-    if "error" in per_row:
-        return f"## Per-row adapters\n\nFailed: `{per_row['error'][-500:]}`\n"
-    command = " ".join(["python -m benchmarks.per_row", *per_row["args"]])
-    return f"## Per-row adapters\n\nFrom `{command}` (another benchmark, run as is):\n\n{per_row['text'].strip()}\n"
 
 
 def _qlora(results: dict[str, Any]) -> str:

@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import ROOT, Setting, machine, median, run_child, run_text, versions
+from benchmarks.common import ROOT, Setting, machine, median, run_child, versions
 from benchmarks.report import render, summary_rows
 from benchmarks.roofline import measure_matmuls, step_flops
+from benchmarks.sections import SECTIONS, run_section
 
 PAIRS = (("lorakit", 0), ("peft", 0), ("lorakit", 1), ("peft", 1))
 # glibc's malloc keeps freed blocks and fragments, so a process's peak RSS is its live tensors plus
@@ -45,7 +46,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="default 4, quick 2")
     parser.add_argument("--seq", type=int, help="default 256, quick 128")
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out: "
-                        "extras,live,loss,generation,per_row,cuda")
+                        f"extras,live,loss,generation,cuda,{','.join(SECTIONS)}")
+    parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)} to run again, "
+                        "keeping every other figure of the --json file")
     parser.add_argument("--cuda-model", default="llama-1b", help="random Llama model for the CUDA section")
     parser.add_argument("--cuda-device", default="cuda", help="'cpu' runs the CUDA section's code on the CPU (a check)")
     parser.add_argument("--cuda-dtype", default="bfloat16")
@@ -58,6 +61,9 @@ def main() -> None:
     if args.render:
         _write(Path(args.markdown), render(json.loads(Path(args.render).read_text())))
         return
+    if args.only:
+        _only(args)
+        return
     quick = args.quick
     plan = {
         "quick": quick,
@@ -67,7 +73,6 @@ def main() -> None:
         "steps": args.steps or (2 if quick else 3),
         "loss_check_steps": 2 if quick else 3,
         "generation": {"runs": 2 if quick else 3, "warmup": 1, "merge_runs": 2 if quick else 3, "new_tokens": 32},
-        "per_row": ["--runs", "3", "--warmup", "1"] if quick else [],
         "matmul_repeats": 3 if quick else 5,
     }
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -97,9 +102,7 @@ def main() -> None:
         results["generation"] = _safe(lambda: run_child("benchmarks.generation", [
             "--runs", str(gen["runs"]), "--warmup", str(gen["warmup"]), "--merge-runs", str(gen["merge_runs"]),
             "--new-tokens", str(gen["new_tokens"])]))
-    if "per_row" not in skip:
-        _log("per-row adapters (benchmarks/per_row.py)")
-        results["per_row"] = _safe(lambda: _per_row(plan["per_row"]))
+    results["sections"] = {key: run_section(key, quick) for key in SECTIONS if key not in skip}
     if "cuda" not in skip:
         results["cuda"] = _cuda(args, plan)
 
@@ -205,11 +208,20 @@ def _median_shapes(matmuls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _per_row(extra: list[str]) -> dict[str, Any]:
-    text = run_text("benchmarks.per_row", extra)
-    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
-            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    return {"args": extra, "text": text, "rows": rows}
+def _only(args: argparse.Namespace) -> None:
+    """Run some sections again; every other figure stays as the run that measured it wrote it."""
+    keys = [key.strip() for key in args.only.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    results = json.loads(Path(args.json).read_text())
+    results.pop("per_row", None)  # the layout before sections existed
+    sections = results.setdefault("sections", {})
+    for key in keys:
+        sections[key] = run_section(key, args.quick)
+    _write(Path(args.json), json.dumps(results, indent=1) + "\n")
+    _write(Path(args.markdown), render(results))
+    _log(f"wrote {args.markdown} and {args.json}")
 
 
 def _cuda(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, Any]:
