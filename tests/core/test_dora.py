@@ -178,8 +178,11 @@ def test_qdora_norm_uses_the_dequantized_weight_and_keeps_no_full_precision_copy
     full = layer.in_features * layer.out_features
     kept = [*layer.parameters(), *layer.buffers(), layer.magnitude("default")._norm]
     assert not [t for t in kept if t.is_floating_point() and t.numel() >= full]
+    adapted = logits(model, ids)
+    assert not torch.allclose(adapted, expected, atol=1e-3)
     merged = merge_and_unload(model, quantized="dequantize")
     assert isinstance(merged.model.layers[0].mlp.down_proj, nn.Linear)
+    torch.testing.assert_close(logits(merged, ids), adapted, rtol=0, atol=1e-5)
 
 
 def test_the_row_norm_is_computed_once_per_step_not_per_micro_batch(monkeypatch):
