@@ -13,7 +13,7 @@ from collections.abc import Sequence
 COMMANDS = {
     "train": "fine-tune a LoRA (or QLoRA) adapter on a JSONL file",
     "generate": "generate text with a base model and adapters, streamed to the terminal",
-    "merge": "merge an adapter into its base model and save a transformers folder",
+    "merge": "merge an adapter into its base model and save a transformers folder (or a GGUF file)",
     "eval": "loss and exact match of a model (+ adapter) on a JSONL file",
     "estimate": "trainable parameters and memory of full fine-tuning, LoRA and QLoRA, without loading weights",
     "inspect": "describe an adapter folder at a glance",
