@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-dir", default=None, metavar="DIR",
                         help="allow /v1/load_lora_adapter to load adapters from inside DIR (and nowhere else)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server")
-    parser.add_argument("--port", type=number_at_least(0), default=8000, help="port to listen on")
+    parser.add_argument("--port", type=_port, default=8000, help="port to listen on (0: any free port)")
     parser.add_argument("--max-batch", type=number_at_least(1), default=16, help="most requests in one decode step")
     parser.add_argument("--max-queue", type=number_at_least(0), default=256,
                         help="most requests waiting to join the batch; more are refused with 429")
@@ -62,3 +62,11 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
                              "give each adapter its own name")
         adapters[name] = path
     return adapters
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0-65535, refused before the model is loaded."""
+    port = number_at_least(0)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 0-65535, got {text}")
+    return port

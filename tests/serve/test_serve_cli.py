@@ -25,6 +25,16 @@ def test_adapter_options_are_name_equals_path():
         parse_adapters(["a=x", "a=y"])
 
 
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_a_bad_port_is_one_line_before_the_model_loads(port, capsys):
+    from lorakit.cli.main import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "--port", port])
+    assert stopped.value.code == 2
+    assert "--port: " in capsys.readouterr().err
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
