@@ -246,13 +246,34 @@ class LoraLayer(nn.Module):
                                  "merge the DoRA adapter first (unmerge() undoes every merge)")
 
     def check_merge(self, names: Sequence[str]) -> None:
-        """Refuse (ValueError) when W0 + delta of an adapter among `names` has an inf or NaN."""
+        """Refuse (ValueError) when W0 + delta of an adapter among `names` has an inf or NaN in the
+        weight's dtype.
+
+        Usually proven without building W0 + delta: when max|W0| + `delta_bound` stays below half the
+        dtype's largest value, no entry can overflow or be NaN. Otherwise (non-finite factors or base,
+        huge values, a delta that is not s B A) the merged weight is built and tested, entry by entry.
+        """
         weight = self._base_weight()
         with torch.no_grad():
+            low, high = torch.aminmax(weight)  # one read of W0, no copy; NaN if W0 holds one
+            largest = max(-low.item(), high.item())
             for name in names:
-                if not torch.isfinite(weight.float() + self.delta_weight(name).to(weight.device)).all():
+                bound = self.delta_bound(name)
+                if bound is not None and largest + bound < torch.finfo(weight.dtype).max / 2:
+                    continue  # NaN in either term fails the comparison and falls through
+                merged = (weight.float() + self.delta_weight(name).to(weight.device)).to(weight.dtype)
+                if not torch.isfinite(merged).all():
                     raise ValueError(f"merging adapter {name!r} into {self.path!r} gives non-finite weights "
-                                     "(inf or NaN); nothing was merged")
+                                     f"(inf or NaN in {weight.dtype}); nothing was merged")
+
+    def delta_bound(self, name: str) -> float | None:
+        """A bound on every |entry| of adapter `name`'s delta s B A, or None when its delta is not s B A.
+
+        Entry (i, j) is s * sum_k B_ik A_kj, so it is at most |s| * max_i sum_k |B_ik| * max |A|; in
+        float64 from the small factors. inf or NaN when a factor holds one.
+        """
+        a, b = (t.detach().double() for t in self.factors(name))
+        return abs(self.scaling[name]) * b.abs().sum(dim=1).max().item() * a.abs().max().item()
 
     def merged_weight(self, names: Sequence[str]) -> torch.Tensor:
         """W0 + the deltas of `names`, in fp32 (a 4-bit base dequantized)."""
@@ -293,8 +314,18 @@ class LoraLayer(nn.Module):
         self.merged_adapters.clear()
 
     def _add_delta(self, name: str, sign: float) -> None:
+        """W0 += sign * s B A (transposed for a weight stored in x out), deltas in fp32."""
         weight = self._base_weight()
+        a, b = self.factors(name)
         with torch.no_grad():
+            if weight.dtype == a.dtype == b.dtype == torch.float32 and weight.device == a.device:
+                # One BLAS call into W0 itself: no delta, no copy of W0. Each large temporary costs
+                # page faults (glibc hands big blocks back to the kernel), which made merging slow.
+                if self.weight_in_by_out:
+                    weight.addmm_(a.T, b.T, alpha=sign * self.scaling[name])  # (in, r) @ (r, out)
+                else:
+                    weight.addmm_(b, a, alpha=sign * self.scaling[name])  # (out, r) @ (r, in)
+                return
             updated = weight.float() + sign * self.delta_weight(name).to(weight.device)
             weight.copy_(updated.to(weight.dtype))
 

@@ -266,6 +266,10 @@ class LoraLinear(LoraLayer):
                               self.magnitude(name).weight)
         return delta.T if self.weight_in_by_out else delta
 
+    def delta_bound(self, name: str) -> float | None:
+        # A DoRA delta, (g - 1) W0 + g s B A, is not bounded by the factors alone.
+        return None if self.uses_dora(name) else super().delta_bound(name)
+
     def merges_first(self, name: str) -> bool:
         # DoRA's merged weight g (W0 + s B A) needs W0 itself: nothing may be merged before it.
         return self.uses_dora(name)
