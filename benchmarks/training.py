@@ -48,6 +48,7 @@ from benchmarks.common import (
     touch,
 )
 from lorakit import fuse_gated_mlps
+from lorakit.hf.fused_attention import group_attention_inputs
 from lorakit.train.chunked_loss import causal_lm_loss
 
 LIBS = ("lorakit", "peft", "base", "forward")
@@ -103,6 +104,7 @@ def train(setting: Setting, lib: str, checkpointing: bool, quant: str, warmup: i
         model = add_lorakit(model, setting) if lib == "lorakit" else add_peft(model, setting)
         if lib == "lorakit":
             fuse_gated_mlps(model)  # lorakit.train does this too
+            group_attention_inputs(model)
         if init:
             from safetensors.torch import load_file
 
@@ -197,6 +199,7 @@ def loss_check(setting: Setting, steps: int) -> dict[str, Any]:
     """Both libraries in one process, dropout 0, same adapter and batches, steps taken in turn."""
     ours = add_lorakit(build_model(setting), setting, dropout=0.0)
     fuse_gated_mlps(ours)
+    group_attention_inputs(ours)
     theirs = add_peft(build_model(setting), setting, dropout=0.0)
     torch.manual_seed(1)
     copy_adapter(theirs, adapter_tensors(ours))

@@ -28,6 +28,7 @@ from lorakit.core.contract import (
 from lorakit.core.dora import Magnitude, dora_delta, dora_output, row_norm, unmerged_weight
 from lorakit.core.init_methods import factors_from_weight, relative_error
 from lorakit.core.lora_function import adapter_input, lora_linear, lora_update
+from lorakit.core.shared_input import InputGroup
 
 __all__ = ["SUPPORTED_MODULES", "LoraEmbedding", "LoraLayer", "LoraLinear", "base_kind", "in_out", "wrap"]
 
@@ -62,6 +63,8 @@ class LoraLinear(LoraLayer):
         self.lora_dropout = nn.ModuleDict()  # name -> nn.Dropout(p), or nn.Identity without dropout
         self.shares_dropout_mask: dict[str, bool] = {}
         self.lora_magnitude_vector = nn.ModuleDict()  # name -> Magnitude (m: (out,)), DoRA adapters only
+        # layers reading the same input (q, k, v), whose A sides run as one GEMM; set by hf.fused_attention
+        self.input_group: InputGroup | None = None
         if r is not None:
             self.start(name, r, alpha, dropout)
 
@@ -168,6 +171,10 @@ class LoraLinear(LoraLayer):
         path = self.path_for(x.dtype, torch.is_autocast_enabled(x.device.type))
         live = self.live_adapters()
         if path == FUSED:  # the base and the one adapter in one autograd function (lora_function.py)
+            # with q, k and v: all three A sides as one GEMM when the first of them runs (shared_input.py)
+            grouped = self.input_group.output(self, x) if self.input_group is not None else None
+            if grouped is not None:
+                return grouped
             return lora_linear(x, *self.fused_arguments(live[0]), self.shares_dropout_mask[live[0]],
                                reader=(id(self), live[0]))
         h = base_out = self.base(x)  # W0 x + bias: (..., out)
@@ -210,14 +217,16 @@ class LoraLinear(LoraLayer):
 
         - "fused": `LoraLinearFunction`, the base matmul and the one live adapter as one autograd
           function that keeps x (which the model keeps anyway), x A^T and a 1-byte dropout mask.
-          Needs a frozen nn.Linear base, exactly one live adapter, x, W, A and B in one dtype,
-          and autocast off, and a plain (not DoRA) adapter (`fused_adapter`).
+          Needs a frozen nn.Linear base, exactly one live adapter, W, A and B in one dtype (x too
+          unless autocast is on: then all run in autocast's dtype), and a plain (not DoRA) adapter
+          (`fused_adapter`).
         - "update": `LoraUpdateFunction` per adapter, added to the base's output with the same
           savings: a Conv1D or 4-bit base, or several adapters. Needs x and every live adapter
           in one dtype, autocast off.
         - "autograd": the plain formula in autograd ops, the reference every fast path is tested
           against: it keeps A's input, a cast copy of x where the dtypes differ and a dropped-out
-          copy with dropout. Adapters in fp32 beside a 16-bit base, and anything under autocast.
+          copy with dropout. Adapters in fp32 beside a 16-bit base, and a Conv1D, 4-bit or
+          multi-adapter layer under autocast.
         """
         if self.fused_adapter(dtype, autocast) is not None:
             return FUSED
@@ -227,7 +236,7 @@ class LoraLinear(LoraLayer):
 
     def fused_adapter(self, dtype: torch.dtype, autocast: bool) -> str | None:
         """The one adapter LoraLinearFunction would run for input of `dtype`, or None (see path_for)."""
-        if self.disabled or self.row_adapters is not None or self.kind != "linear" or autocast:
+        if self.disabled or self.row_adapters is not None or self.kind != "linear":
             return None
         live = self.live_adapters()
         # DoRA rescales the output after the update: not a plain fused LoRA (hf/fused_mlp.py asks too)
@@ -236,7 +245,9 @@ class LoraLinear(LoraLayer):
         base = cast(nn.Linear, self.base)
         a, b = self.factors(live[0])
         frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-        return live[0] if frozen and dtype == base.weight.dtype == a.dtype == b.dtype else None
+        # under autocast x may be in any dtype: the function casts everything to autocast's, as a linear does
+        same_dtype = base.weight.dtype == a.dtype == b.dtype and (autocast or dtype == a.dtype)
+        return live[0] if frozen and same_dtype else None
 
     def fused_arguments(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor,
                                                   float, float]:

@@ -11,13 +11,21 @@ rebuilds x * m for the one matmul that needs it. The update is added into the ba
     dB = s' g^T (x m A^T)        dA = (s' g B)^T (x m)        dx = g W + m * ((s' g B) A)
 
 Used by LoraLinear for the common case: a plain nn.Linear base with frozen weight and bias, one
-active adapter, and x, W, A and B in one dtype with autocast off; `LoraLinear.path_for` decides.
+active adapter, and W, A and B in one dtype (x too, unless autocast is on); `LoraLinear.path_for`
+decides. Under autocast (CPU bf16, CUDA bf16/fp16) the fused functions cast x, W, bias, A and B to
+autocast's dtype, as autocast casts a linear's inputs, and run in that dtype; A's and B's
+gradients flow back to their own dtype through the casts, as with autocast's own linears.
+
+Dropout draws its keep masks with p rounded to a multiple of 2^-15 (`quantized_dropout`; 0.05
+becomes 0.0499878, 1.2e-5 less) and scales by 1 / (1 - that p), so the update stays unbiased;
+that rounding lets one 64-bit draw of torch's generator give four mask entries (`draw_keep_mask`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -109,12 +117,27 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     `reader` names the caller (layer and adapter) for `shared`.
     """
     flat, mask = _flat_with_mask(x, dropout, share_mask, reader)
-    scale = scale / (1.0 - dropout)
-    if torch.is_grad_enabled():
-        y = LoraLinearFunction.apply(flat, weight, bias, lora_a, lora_b, scale, mask)
-    else:  # inference: the same maths without an autograd node per layer per token
-        y, _ = lora_forward(flat, weight, bias, lora_a, lora_b, scale, mask)
+    scale = scale / (1.0 - quantized_dropout(dropout))
+    dtype = autocast_dtype(x)
+    if dtype is not None:  # autocast's linear: every input in its dtype, then the same function
+        flat, weight, bias, lora_a, lora_b = cast_all(dtype, flat, weight, bias, lora_a, lora_b)
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        if torch.is_grad_enabled():
+            y = LoraLinearFunction.apply(flat, weight, bias, lora_a, lora_b, scale, mask)
+        else:  # inference: the same maths without an autograd node per layer per token
+            y, _ = lora_forward(flat, weight, bias, lora_a, lora_b, scale, mask)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs linears in on x's device, or None when autocast is off there."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def cast_all(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[Any]:
+    """Each tensor in `dtype` (None stays None); casts are autograd ops, so gradients flow back."""
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
 def lora_update(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -122,7 +145,7 @@ def lora_update(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, l
     """base_out + s * B A dropout(x) for x (..., in), base_out (..., out), through LoraUpdateFunction."""
     flat, mask = _flat_with_mask(x, dropout, share_mask, reader)
     out = LoraUpdateFunction.apply(base_out.reshape(-1, base_out.shape[-1]), flat, lora_a, lora_b,
-                                   scale / (1.0 - dropout), mask)
+                                   scale / (1.0 - quantized_dropout(dropout)), mask)
     return out.reshape(base_out.shape)
 
 
@@ -145,36 +168,62 @@ def _flat_with_mask(x: torch.Tensor, dropout: float, share_mask: bool,
                     reader: Hashable | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x as (N, in) and its keep mask (None without dropout) in the same shape."""
     flat = x.reshape(-1, x.shape[-1])
-    if dropout == 0:
+    if quantized_dropout(dropout) == 0:
         return flat, None
     mask = dropout_mask(x, dropout, reader) if share_mask else draw_keep_mask(x, dropout)
     return flat, None if mask is None else mask.reshape(flat.shape)
 
 
 def dropout_mask(x: torch.Tensor, p: float, reader: Hashable | None = None) -> torch.Tensor | None:
-    """A 0/1 uint8 keep mask for x (1 with probability 1 - p), shared by all readers of x; None for p = 0."""
-    if p == 0:
-        return None
-    if not 0 < p < 1:
+    """A 0/1 uint8 keep mask for x (1 with probability 1 - quantized_dropout(p)), shared by all readers
+    of x; None when that p is 0."""
+    if not 0 <= p < 1:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
+    if quantized_dropout(p) == 0:
+        return None
     return shared(x, ("mask", p), lambda: draw_keep_mask(x, p), reader)
 
 
-def draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A fresh 0/1 uint8 keep mask shaped like x (1 with probability 1 - p).
+_MASK_BITS = 15  # an int64 draw holds 63 random bits: four 15-bit numbers
 
-    rand >= p draws the same distribution as bernoulli(1 - p) at half the cost on a CPU.
+
+def quantized_dropout(p: float) -> float:
+    """p rounded to a multiple of 2^-15 (at most 1 - 2^-15): the drop probability the masks really have.
+
+    The fused paths scale by 1 / (1 - this p), so the update's expectation stays exact. p below 2^-16
+    rounds to 0: no dropout.
+    """
+    steps = 1 << _MASK_BITS
+    return min(round(p * steps), steps - 1) / steps
+
+
+def draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A fresh 0/1 uint8 keep mask shaped like x: 1 with probability exactly 1 - quantized_dropout(p).
+
+    torch's CPU generator is serial, and its cost is per draw: `rand` spends one draw per entry. Here
+    one int64 draw (63 random bits) gives four 15-bit numbers u, and an entry is kept when
+    u >= p * 2^15: about 3x faster than rand >= p (1024 x 576 on one thread: 3.4 vs 10.2 ms). On
+    other devices rand >= p draws the same distribution (p is a multiple of 2^-15, exact in fp32).
+    The draws come from torch's generator either way, so a restored RNG state (a checkpointed
+    block's recompute, a resumed run) draws the same mask.
     """
     if not 0 < p < 1:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
-    return (torch.rand_like(x) >= p).view(torch.uint8)
+    p = quantized_dropout(p)
+    if x.device.type != "cpu":
+        return (torch.rand(x.shape, device=x.device) >= p).view(torch.uint8)
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # uniform on [0, 2^63)
+    # each 16-bit quarter without its top bit (bit 63 is always 0; the others drop for uniformity)
+    numbers = words.view(torch.int16)[:n].bitwise_and_((1 << _MASK_BITS) - 1)
+    return torch.ge(numbers, round(p * (1 << _MASK_BITS))).view(torch.uint8).view(x.shape)
 
 
 _SHARED = "_lorakit_shared"
+T = TypeVar("T")
 
 
-def shared(x: torch.Tensor, key: Hashable, make: Callable[[], torch.Tensor],
-           reader: Hashable | None = None) -> torch.Tensor:
+def shared(x: torch.Tensor, key: Hashable, make: Callable[[], T], reader: Hashable | None = None) -> T:
     """make(), computed once per input tensor x and key: what one reader of x made, the others reuse.
 
     q, k and v (gate and up) read the same x: one cast copy and, with shared masks, one dropout

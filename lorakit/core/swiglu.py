@@ -20,7 +20,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lorakit.core.lora_function import draw_keep_mask, lora_backward, lora_forward
+from lorakit.core.lora_function import (
+    autocast_dtype,
+    cast_all,
+    draw_keep_mask,
+    lora_backward,
+    lora_forward,
+    quantized_dropout,
+)
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -78,6 +85,14 @@ def swiglu_lora(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias
     its own (never shared).
     """
     flat_gate, flat_up = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])  # (N, i)
-    mask = draw_keep_mask(flat_gate, dropout) if dropout > 0 else None
-    y = SwiGLULoraFunction.apply(flat_gate, flat_up, weight, bias, lora_a, lora_b, scale / (1.0 - dropout), mask)
+    p = quantized_dropout(dropout)
+    mask = draw_keep_mask(flat_gate, p) if p > 0 else None
+    dtype = autocast_dtype(gate)
+    if dtype is None:
+        y = SwiGLULoraFunction.apply(flat_gate, flat_up, weight, bias, lora_a, lora_b, scale / (1.0 - p), mask)
+    else:  # as autocast runs down(silu(gate) * up): the product in gate's dtype, down's linear in autocast's
+        flat_gate, flat_up, weight, bias, lora_a, lora_b = cast_all(dtype, flat_gate, flat_up, weight, bias,
+                                                                    lora_a, lora_b)
+        with torch.autocast(gate.device.type, enabled=False):
+            y = SwiGLULoraFunction.apply(flat_gate, flat_up, weight, bias, lora_a, lora_b, scale / (1.0 - p), mask)
     return y.reshape(*gate.shape[:-1], weight.shape[0])

@@ -8,13 +8,15 @@ and act_fn, so parameters, state-dict keys and values stay exactly as they were.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
 from lorakit.core.layers import LoraLinear
+from lorakit.core.lora_function import quantized_dropout
+from lorakit.core.shared_input import FusedArguments, lora_linears_one_input
 from lorakit.core.swiglu import swiglu, swiglu_lora
 from lorakit.core.walk import replace_module
 
@@ -37,7 +39,7 @@ class FusedGatedMLP(nn.Module):
         self.training = mlp.training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)  # (..., i) each
+        gate, up = self._gate_and_up(x)  # (..., i) each
         down: Any = self.down_proj
         if _has_hooks(self.act_fn):
             return down(self.act_fn(gate) * up)
@@ -47,6 +49,22 @@ class FusedGatedMLP(nn.Module):
         if name is None:
             return down(swiglu(gate, up))
         return swiglu_lora(gate, up, *down.fused_arguments(name))
+
+    def _gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate(x), up(x): with one LoRA adapter each on the fused path, same dropout p and a shared
+        mask, their A sides run as one GEMM (core/shared_input.py); otherwise each module runs."""
+        gate, up, autocast = self.gate_proj, self.up_proj, torch.is_autocast_enabled(x.device.type)
+        if isinstance(gate, LoraLinear) and isinstance(up, LoraLinear) and not (_has_hooks(gate) or _has_hooks(up)):
+            names = gate.fused_adapter(x.dtype, autocast), up.fused_adapter(x.dtype, autocast)
+            if names[0] is not None and names[1] is not None:
+                *gate_args, p = gate.fused_arguments(names[0])
+                *up_args, p_up = up.fused_arguments(names[1])
+                shares = gate.shares_dropout_mask[names[0]] and up.shares_dropout_mask[names[1]]
+                if p == p_up and (shares or quantized_dropout(p) == 0):
+                    members = [cast(FusedArguments, tuple(gate_args)), cast(FusedArguments, tuple(up_args))]
+                    out_gate, out_up = lora_linears_one_input(x, members, p, reader=(id(self), "gate and up"))
+                    return out_gate, out_up
+        return self.gate_proj(x), self.up_proj(x)
 
     def extra_repr(self) -> str:
         return f"fused from {self.fused_from}"

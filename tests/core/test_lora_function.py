@@ -11,6 +11,7 @@ from lorakit.core.lora_function import (
     dropout_mask,
     lora_linear,
     lora_update,
+    quantized_dropout,
 )
 from lorakit.quant import quantize_model
 from tests.models import MLP, loss_and_grads, randomize_adapters, tiny_llama, tokens
@@ -25,8 +26,8 @@ def fused_node(out):
 
 
 def plain(x, weight, bias, a, b, scale, mask, p):
-    """The formula with autograd ops: base + s * B A (x * m / (1 - p))."""
-    x_in = x if mask is None else x * mask / (1 - p)
+    """The formula with autograd ops: base + s * B A (x * m / (1 - p)), p as the masks draw it."""
+    x_in = x if mask is None else x * mask / (1 - quantized_dropout(p))
     out = x @ weight.T + scale * (x_in @ a.T) @ b.T
     return out if bias is None else out + bias
 
@@ -166,7 +167,7 @@ def test_the_update_function_equals_the_plain_formula(p):
     b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
     out = lora_update(base_out.reshape(2, 5, 7), x, a, b, 1.5, p)
     mask = dropout_mask(x, p)
-    x_in = x if mask is None else x * mask / (1 - p)
+    x_in = x if mask is None else x * mask / (1 - quantized_dropout(p))
     expected = base_out.reshape(2, 5, 7) + 1.5 * (x_in @ a.T) @ b.T
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(out)
@@ -202,3 +203,34 @@ def test_without_autograd_the_same_values_come_out():
         quick = layer(x)
     assert quick.grad_fn is None
     torch.testing.assert_close(quick, layer(x).detach(), rtol=0, atol=0)
+
+
+def test_dropout_is_rounded_to_a_multiple_of_2_to_the_minus_15():
+    assert quantized_dropout(0.05) == 1638 / 32768  # 0.0499878: 1.2e-5 below
+    assert quantized_dropout(0.0) == 0.0 and quantized_dropout(1e-6) == 0.0  # below 2^-16: no dropout
+    assert quantized_dropout(0.99999) == 32767 / 32768  # never 1: the scale 1 / (1 - p) stays finite
+    assert dropout_mask(torch.zeros(3, 4), 1e-6) is None
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_every_mask_entry_is_kept_with_probability_1_minus_the_rounded_p(p):
+    # one int64 draw gives four entries: each of the four lanes must have the same keep rate
+    torch.manual_seed(0)
+    mask = lora_function.draw_keep_mask(torch.empty(1000, 4000), p)
+    assert mask.dtype == torch.uint8 and mask.shape == (1000, 4000) and set(mask.unique().tolist()) == {0, 1}
+    keep = 1 - quantized_dropout(p)
+    lanes = mask.reshape(-1, 4).double().mean(dim=0)  # 1,000,000 entries per lane
+    sigma = (keep * (1 - keep) / 1_000_000) ** 0.5
+    assert ((lanes - keep).abs() < 5 * sigma).all(), (lanes, keep)
+    # neighbours are independent: P(both kept) = keep^2
+    pairs = (mask[:, :-1] & mask[:, 1:]).double().mean().item()
+    assert abs(pairs - keep**2) < 5 * (keep**2 * (1 - keep**2) / mask[:, 1:].numel()) ** 0.5
+
+
+def test_the_same_rng_state_draws_the_same_mask():
+    x = torch.empty(33, 17)  # 561 entries: not a multiple of 4
+    torch.manual_seed(3)
+    first = lora_function.draw_keep_mask(x, 0.3)
+    torch.manual_seed(3)
+    assert torch.equal(first, lora_function.draw_keep_mask(x, 0.3))
+    assert not torch.equal(first, lora_function.draw_keep_mask(x, 0.3))

@@ -1,0 +1,162 @@
+"""LoRA linears that read one input (q, k and v; gate and up): their A projections as one GEMM.
+
+    y_i = x W_i^T + b_i + s_i ((x m) A_i^T) B_i^T        i = 1..k, one x, one keep mask m
+
+Run one by one (LoraLinearFunction each), every adapter masks x, runs its own skinny (N x r) GEMM,
+and in backward masks x again for dA and masks its own share of dx. Here the A side runs once:
+
+    xa = (x m) [A_1; ...; A_k]^T        (N, k r): one GEMM, one pass of x * m
+    dA = dxa^T (x m), split by rows     dx_adapters = m * (dxa [A_1; ...; A_k]): one GEMM, one mask pass
+
+and each member keeps only its base and B side (BaseAndBFunction):
+
+    y_i = x W_i^T + b_i + s_i xa_i B_i^T     dx_i = g_i W_i     dB_i = s_i g_i^T xa_i     dxa_i = s_i g_i B_i
+
+On one decoder layer's q, k and v (1024 x 576 tokens, r = 16, dropout 0.05, one thread) that is
+92 ms per forward + backward instead of 123 ms (the frozen base alone: 63 ms).
+
+The members share one dropout mask (LoraConfig.share_dropout_mask, the default); modules with their
+own masks run one by one. `InputGroup` lets an attention block's q_proj, k_proj and v_proj, which
+the model calls one after another, find each other (lorakit.hf.fused_attention sets it up);
+lorakit.hf.fused_mlp calls `lora_linears_one_input` for gate and up directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.core.lora_function import autocast_dtype, cast_all, dropout_mask, quantized_dropout, shared
+
+if TYPE_CHECKING:
+    from lorakit.core.layers import LoraLinear
+
+FusedArguments = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, float]
+"""(W, bias, A, B, s) of one member: W (out, in), bias (out,) or None, A (r, in), B (out, r)."""
+
+
+class SharedASideFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor | None, *factors_a: torch.Tensor) -> torch.Tensor:
+        # x: (N, in); mask: (N, in) 0/1 uint8 or None; factors_a: A_i (r_i, in) -> xa: (N, sum r_i)
+        a_all = torch.cat(factors_a)  # (sum r_i, in), small
+        xa = _masked(x, mask) @ a_all.T
+        ctx.save_for_backward(x, mask, a_all)
+        ctx.ranks = [a.shape[0] for a in factors_a]
+        return xa
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, mask, a_all = ctx.saved_tensors
+        need_x, _, *need_a = ctx.needs_input_grad
+        # a float mask multiplies several times faster than a uint8 one; converted once, used twice
+        mask = None if mask is None else mask.to(x.dtype)
+        grad_a: Sequence[torch.Tensor | None] = [None] * len(need_a)
+        if any(need_a):
+            grad_a = torch.mm(grad.T, _masked(x, mask)).split(ctx.ranks)
+        grad_x = None
+        if need_x:
+            grad_x = torch.mm(grad, a_all)
+            grad_x = grad_x if mask is None else grad_x.mul_(mask)
+        return grad_x, None, *(g if need else None for g, need in zip(grad_a, need_a, strict=True))
+
+
+class BaseAndBFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, xa: torch.Tensor,
+                lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+        # x: (N, in); weight: (out, in); xa: (N, r) (a column slice of the shared A side); lora_b: (out, r)
+        y = F.linear(x, weight, bias)
+        y.addmm_(xa, lora_b.T, alpha=scale)
+        ctx.save_for_backward(weight, xa, lora_b)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weight, xa, lora_b = ctx.saved_tensors
+        need_x, _, _, need_xa, need_b = ctx.needs_input_grad[:5]
+        grad_x = torch.mm(grad, weight) if need_x else None
+        grad_xa = torch.mm(grad, lora_b).mul_(ctx.scale) if need_xa else None
+        grad_b = torch.mm(grad.T, xa).mul_(ctx.scale) if need_b else None
+        return grad_x, None, None, grad_xa, grad_b, None
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else torch.mul(x, mask)
+
+
+def lora_linears_one_input(x: torch.Tensor, members: Sequence[FusedArguments], dropout: float,
+                           reader: Hashable | None = None) -> list[torch.Tensor]:
+    """[x W_i^T + b_i + s_i B_i A_i dropout(x)] for each member, the A sides as one GEMM.
+
+    x: (..., in) -> one (..., out_i) per member. `dropout` is every member's p; the members share
+    one mask (`dropout_mask`, shared with any other reader of x that shares masks). `reader` names
+    the caller for `shared`.
+    """
+    flat = x.reshape(-1, x.shape[-1])  # (N, in)
+    mask = dropout_mask(x, dropout, reader)
+    mask = None if mask is None else mask.reshape(flat.shape)
+    keep_scale = 1.0 / (1.0 - quantized_dropout(dropout))
+    dtype = autocast_dtype(x)
+    if dtype is not None:  # autocast's linears: every input in its dtype
+        flat = flat.to(dtype)
+        members = [(*cast_all(dtype, weight, bias, a, b), s) for weight, bias, a, b, s in members]
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        xa = SharedASideFunction.apply(flat, mask, *(a for _, _, a, _, _ in members))  # (N, sum r_i)
+        shares = xa.split([a.shape[0] for _, _, a, _, _ in members], dim=1)
+        outputs = []
+        for share, (weight, bias, _, b, scale) in zip(shares, members, strict=True):
+            y = BaseAndBFunction.apply(flat, weight, bias, share, b, scale * keep_scale)
+            outputs.append(y.reshape(*x.shape[:-1], weight.shape[0]))
+    return outputs
+
+
+class InputGroup:
+    """LoRA layers that read one input, such as an attention block's q_proj, k_proj and v_proj.
+
+    The model calls them one after another; the first called on an x runs all their A sides
+    (`lora_linears_one_input`), the others take their outputs. Only members on their fused path
+    with the caller's dropout p and shared masks join; the rest run alone. Called on different
+    inputs (cross-attention reads k and v from the encoder), values stay right: each input gets
+    its own computation, at the cost of the other members' skinny A GEMM. Not under autograd
+    (inference) or torch.compile, each layer runs alone.
+    """
+
+    def __init__(self, layers: Sequence[LoraLinear]) -> None:
+        self.layers = tuple(layers)
+
+    def output(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """`layer`'s output for x, computed with the group's; None when `layer` runs alone."""
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        outputs = shared(x, ("input group", id(self)), lambda: self._run(layer, x), reader=id(layer))
+        return outputs.get(id(layer))
+
+    def _run(self, caller: LoraLinear, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Every joining member's output, by id; empty when fewer than two can join."""
+        autocast = torch.is_autocast_enabled(x.device.type)
+
+        def setting(layer: LoraLinear) -> tuple[float, bool] | None:
+            name = layer.fused_adapter(x.dtype, autocast)
+            if name is None:
+                return None
+            p = layer.dropout_p(name)
+            return (p, layer.shares_dropout_mask[name] or quantized_dropout(p) == 0)
+
+        wanted = setting(caller)
+        if wanted is None or not wanted[1]:
+            return {}
+        members = [m for m in self.layers if setting(m) == wanted]
+        if len(members) < 2:
+            return {}
+        arguments = []
+        for m in members:
+            weight, bias, a, b, s, _ = m.fused_arguments(m.live_adapters()[0])
+            arguments.append((weight, bias, a, b, s))
+        outputs = lora_linears_one_input(x, arguments, wanted[0], reader=("input group", id(self)))
+        return {id(m): y for m, y in zip(members, outputs, strict=True)}

@@ -1,0 +1,33 @@
+"""group_attention_inputs: an attention block's q, k and v LoRA layers run their A sides as one GEMM.
+
+q_proj, k_proj and v_proj read the same hidden states; transformers calls them one after another.
+Grouped (lorakit.core.shared_input.InputGroup), the first of them to run computes x A^T for all
+three in one GEMM and one pass of the dropout mask, and the backward of those A sides is one
+GEMM for dA and one for their share of dx. Values and gradients are the same formula's.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lorakit.core.layers import LoraLinear
+from lorakit.core.shared_input import InputGroup
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+def group_attention_inputs(model: nn.Module) -> int:
+    """Group the q_proj, k_proj and v_proj LoRA layers of every attention block; returns how many blocks.
+
+    A block counts when all three are LoraLinear layers (any adapters: a member whose adapters do
+    not allow the fused path runs alone at that step). Grouping again makes new groups, same result.
+    """
+    count = 0
+    for module in model.modules():
+        layers = [getattr(module, name, None) for name in _PROJECTIONS]
+        if all(isinstance(layer, LoraLinear) for layer in layers):
+            group = InputGroup([layer for layer in layers if isinstance(layer, LoraLinear)])
+            for layer in group.layers:
+                layer.input_group = group
+            count += 1
+    return count
