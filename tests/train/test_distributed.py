@@ -1,17 +1,17 @@
 """Several processes, one run: DDP and FSDP2 on gloo give one process's adapter, and resume across world sizes.
 
-Real ranks: spawned processes with torchrun's variables set, joined by a gloo process
-group. Each launch runs several short trainings, because starting the ranks costs more than training.
+Real ranks (tests/train/ranks.py): forked processes with torchrun's variables set, joined by a gloo
+process group. Starting ranks costs more than training the tiny model, so one start of 2 ranks runs
+every 2-rank job of this file (the one-process references too, two side by side), and one start of
+4 ranks resumes two of its runs; the tests then read what the runs wrote and printed.
 """
 
 from __future__ import annotations
 
-import faulthandler
 import json
-import multiprocessing as mp
 import shutil
-import socket
-import traceback
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +19,17 @@ import pytest
 import torch
 
 from lorakit.train import TrainConfig, train
-from lorakit.train.distributed import OtherRankFailed
 from tests.train.helpers import tiny_model_and_tokenizer, write_data
+from tests.train.ranks import Alone, Outcome, Together, run_ranks
 from tests.train.test_train_loop import config, final_adapter
 
 WORLD = 2
-HANG_S = 90
-
-
-def model64() -> tuple[Any, Any]:
-    model, tokenizer = tiny_model_and_tokenizer()
-    return model.double(), tokenizer
+DDP, FSDP = {"strategy": "ddp"}, {"strategy": "fsdp"}
 
 
 def settings(tmp_path: Path, name: str, **overrides: Any) -> dict[str, Any]:
-    """float64, no dropout, 4 steps of 8 rows (one process: 4 rows x 2 micro-batches), clipping on."""
+    """float64, no dropout, 4 steps of 8 rows (one process: 4 rows x 2 micro-batches), clipping on,
+    checkpoints at steps 2 and 4."""
     values: dict[str, Any] = dict(output_dir=str(tmp_path / name), dropout=0.0, max_steps=4, batch_size=4,
                                   grad_accum=2, max_grad_norm=0.05, learning_rate=2e-2, warmup_steps=0,
                                   min_lr_ratio=1.0, save_every=2, max_length=32)
@@ -41,35 +37,29 @@ def settings(tmp_path: Path, name: str, **overrides: Any) -> dict[str, Any]:
     return config(tmp_path, write_data(tmp_path), **values).to_dict()
 
 
-def _rank_main(rank: int, port: int, jobs: list[dict[str, Any]], results: Any) -> None:
-    import os
+def cut_at_checkpoint_2(source: Path, folder: Path) -> Path:
+    """A copy of a finished run with everything after checkpoint-2 dropped, as kill -9 there would leave it."""
+    shutil.copytree(source, folder)
+    for stale in ("checkpoint-4", "adapter", "loss.png"):
+        shutil.rmtree(folder / stale, ignore_errors=True)
+        (folder / stale).unlink(missing_ok=True)
+    return folder
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    faulthandler.dump_traceback_later(HANG_S, exit=True)  # a hung rank shows where, then ends
-    outcome = []
-    try:
-        for job in jobs:
-            if callable(job):  # a measurement of its own (a module-level function: spawn pickles it by name)
-                outcome.append(job(rank))
-                continue
-            values = job[rank] if isinstance(job, list) else job
-            try:
-                # NF4 takes 16/32-bit inputs: a QLoRA job trains in float32.
-                train(TrainConfig(**values), *(tiny_model_and_tokenizer() if values["quantize"] else model64()))
-                outcome.append("ok")
-            except (ValueError, OtherRankFailed) as err:
-                outcome.append(f"{type(err).__name__}: {err}")
-        results.put((rank, outcome))
-    except BaseException:
-        results.put((rank, ["crash: " + traceback.format_exc()]))
+
+def cut_on_rank_0(cuts: list[tuple[Path, Path]], rank: int) -> str:
+    """A job: rank 0 cuts finished runs at checkpoint-2; every rank waits until it has."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        for source, folder in cuts:
+            cut_at_checkpoint_2(source, folder)
+    dist.barrier()
+    return "cut"
 
 
 def nf4_shards(rank: int) -> str:
     """QLoRA's tiny model under FSDP2 on this rank: the bytes of the NF4 tensors and of the whole frozen base
     it holds, and whether its loss and adapter gradients are bit-equal to the unsharded model's in this process."""
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from lorakit.core.config import LoraConfig
@@ -78,8 +68,6 @@ def nf4_shards(rank: int) -> str:
     from lorakit.train.distributed import World
     from lorakit.train.parallel import TrainingModule, base_bytes, full_tensor, wrap
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
     models = []
     for _ in range(2):  # one to shard, one to stay whole as the reference
         model, tokenizer = tiny_model_and_tokenizer()
@@ -113,28 +101,63 @@ def nf4_shards(rank: int) -> str:
     return f"nf4 {nf4_local} {nf4_whole} base {local} {total} bit-equal {same}"
 
 
-def run_ranks(jobs: list[Any]) -> list[list[str]]:
-    """Run `jobs` one after another on WORLD spawned ranks: TrainConfig dicts (or per-rank lists of them),
-    or functions of the rank that return a line."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # spawn, not fork: a fork of this (threaded) test process can hang in its thread pools.
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    processes = [context.Process(target=_rank_main, args=(rank, port, jobs, results)) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    try:
-        outcomes = dict(results.get(timeout=HANG_S + 30) for _ in processes)
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():  # a hung rank must not outlive the test
-                process.kill()
-    for rank, outcome in outcomes.items():
-        assert not any(o.startswith("crash") for o in outcome), f"rank {rank}: {outcome}"
-    return [outcomes[rank] for rank in range(WORLD)]
+@dataclass(frozen=True)
+class Runs:
+    folder: Path
+    outcomes: dict[str, list[Outcome]]
+    """Job name -> its outcome on each rank."""
+    distributed: tuple[str, ...]
+    """The jobs that ran on all ranks together."""
+
+    def status(self, job: str) -> list[str]:
+        return [outcome.status for outcome in self.outcomes[job]]
+
+    def adapter(self, run: str) -> dict[str, torch.Tensor]:
+        return final_adapter(self.folder / run)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    folder = tmp_path_factory.mktemp("ranks")
+    run = partial(settings, folder)
+
+    def resumed(name: str, **overrides: Any) -> dict[str, Any]:
+        return run(name, resume=True, **overrides)
+
+    # Each 2-rank run: 2 ranks x 2 rows x 2 micro-batches = 8 rows per step, as the references.
+    on_two: dict[str, Any] = {
+        "references": Alone([run("single"), run("single_qlora", quantize="nf4")]),
+        "dora reference": Alone([None, run("single_dora", use_dora=True)]),
+        "ddp": Together(run("ddp", batch_size=2, grad_accum=1, global_batch_size=8, distributed=DDP), plot=True),
+        "ddp_gc": Together(run("ddp_gc", batch_size=2, distributed=DDP, gradient_checkpointing=True)),
+        "ddp_qlora": Together(run("ddp_qlora", batch_size=2, distributed=DDP, quantize="nf4")),
+        "ddp_dora": Together(run("ddp_dora", batch_size=2, distributed=DDP, use_dora=True)),
+        "mixed": Together([run("mixed", batch_size=2, distributed=DDP, seed=rank) for rank in range(WORLD)]),
+        "odd": Together(run("odd", batch_size=3, grad_accum=1, global_batch_size=8, distributed=DDP)),
+        "fsdp": Together(run("fsdp", batch_size=2, distributed=FSDP)),
+        "fsdp_gc": Together(run("fsdp_gc", batch_size=2, distributed=FSDP, gradient_checkpointing=True)),
+        "fsdp_qlora": Together(run("fsdp_qlora", batch_size=2, distributed=FSDP, quantize="nf4")),
+        "fsdp_dora": Together(run("fsdp_dora", batch_size=2, distributed=FSDP, use_dora=True)),
+        "nf4_shards": nf4_shards,
+        "cut": partial(cut_on_rank_0, [(folder / source, folder / cut) for source, cut in (
+            ("single", "fsdp_from_one"), ("ddp", "ddp_on_one"), ("fsdp", "fsdp_on_one"),
+            ("ddp", "ddp_other_batch"), ("ddp", "ddp_on_four"), ("fsdp", "fsdp_on_four"))]),
+        # Checkpointed by one process, resumed on 2 ranks: rank 0 reads the whole tensors, each rank keeps its shard.
+        "fsdp_from_one": Together(resumed("fsdp_from_one", batch_size=2, distributed=FSDP)),
+        # Checkpointed on 2 ranks, resumed by one process (4 rows x 2 micro-batches), two side by side.
+        "on_one": Alone([resumed("ddp_on_one", distributed=None), resumed("fsdp_on_one", distributed=None)]),
+        "other_batch": Alone([resumed("ddp_other_batch", distributed=None, grad_accum=1), None]),
+    }
+    # Checkpointed on 2 ranks, resumed on 4: 4 ranks x 1 row x 2 micro-batches.
+    on_four: dict[str, Any] = {
+        name: Together(resumed(name, batch_size=1, grad_accum=1, global_batch_size=8, distributed=strategy))
+        for name, strategy in (("ddp_on_four", DDP), ("fsdp_on_four", FSDP))}
+    outcomes: dict[str, list[Outcome]] = {}
+    for world, jobs in ((WORLD, on_two), (4, on_four)):
+        by_rank = run_ranks(world, list(jobs.values()))
+        outcomes.update({name: [by_rank[rank][index] for rank in range(world)] for index, name in enumerate(jobs)})
+    together = tuple(name for jobs in (on_two, on_four) for name, job in jobs.items() if isinstance(job, Together))
+    return Runs(folder, outcomes, together)
 
 
 def assert_close_adapters(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -167,112 +190,97 @@ def assert_same_steps(run: Path, reference: Path) -> None:
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-5, atol=0)
 
 
-def cut_at_checkpoint_2(source: Path, folder: Path) -> Path:
-    """A copy of a finished run with everything after checkpoint-2 dropped, as kill -9 there would leave it."""
-    shutil.copytree(source, folder)
-    for stale in ("checkpoint-4", "adapter", "loss.png"):
-        shutil.rmtree(folder / stale, ignore_errors=True)
-        (folder / stale).unlink(missing_ok=True)
-    return folder
+def test_ddp_equals_one_process(runs):
+    assert runs.status("references") == ["ok", "ok"] and runs.status("dora reference") == ["sat out", "ok"]
+    for job in ("ddp", "ddp_gc", "ddp_qlora", "ddp_dora"):
+        assert runs.status(job) == ["ok", "ok"], job
+    single = runs.adapter("single")
+    # global_batch_size=8 on 2 ranks of 2 rows: 2 micro-batches, as grad_accum=2 gives ddp_gc.
+    assert_same_steps(runs.folder / "ddp", runs.folder / "single")
+    assert_close_adapters(runs.adapter("ddp"), single)
+    # Gradient checkpointing recomputes the same float64 values: one process's adapter without it.
+    assert_close_adapters(runs.adapter("ddp_gc"), single)
+    assert_close_qlora(runs.adapter("ddp_qlora"), runs.adapter("single_qlora"))
 
 
-def resume_on_one_process(tmp_path: Path, source: str, name: str, **overrides: Any) -> Path:
-    """Cut a finished run at checkpoint-2 and resume it in this one process."""
-    folder = cut_at_checkpoint_2(tmp_path / source, tmp_path / name)
-    values = {**settings(tmp_path, name, resume=True, distributed=None), **overrides}
-    train(TrainConfig(**values), *model64())
-    return folder
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One process: 4 steps of 8 rows, with and without gradient checkpointing."""
-    tmp_path = tmp_path_factory.mktemp("one")
-    train(TrainConfig(**settings(tmp_path, "single")), *model64())
-    train(TrainConfig(**settings(tmp_path, "single_gc", gradient_checkpointing=True)), *model64())
-    train(TrainConfig(**settings(tmp_path, "single_qlora", quantize="nf4")), *tiny_model_and_tokenizer())
-    return tmp_path
-
-
-def test_ddp_equals_one_process_and_resumes_on_one(reference, tmp_path, capfd):
-    ddp = {"strategy": "ddp"}
-    # 2 ranks x 2 rows x 2 micro-batches = 8 rows per step, as the reference.
-    jobs: list[Any] = [
-        settings(tmp_path, "ddp", batch_size=2, distributed=ddp),
-        settings(tmp_path, "ddp_gc", batch_size=2, distributed=ddp, gradient_checkpointing=True),
-        settings(tmp_path, "ddp_global", batch_size=2, grad_accum=1, global_batch_size=8, distributed=ddp),
-        [settings(tmp_path, "mixed", batch_size=2, distributed=ddp, seed=rank) for rank in range(WORLD)],
-        settings(tmp_path, "odd", batch_size=3, grad_accum=1, global_batch_size=8, distributed=ddp),
-        settings(tmp_path, "ddp_qlora", batch_size=2, distributed=ddp, quantize="nf4"),
-    ]
-    outcomes = run_ranks(jobs)
-    for rank, outcome in enumerate(outcomes):
-        assert outcome[:3] == ["ok", "ok", "ok"] and outcome[5] == "ok", outcome
-        assert f"rank {1 - rank} has seed={1 - rank} (rank 0: 0)" in outcome[3] or "rank 1 has seed=1" in outcome[3]
-        assert "global_batch_size=8 does not split over 2 rank(s) x batch_size 3" in outcome[4]
-    printed = capfd.readouterr().out
-    assert "ddp on 2 ranks (cpu): 2 rows x 2 micro-batch(es) x 2 ranks = 8 rows per step" in printed
-
-    single = final_adapter(reference / "single")
-    assert_same_steps(tmp_path / "ddp", reference / "single")
-    assert_close_adapters(final_adapter(tmp_path / "ddp"), single)
-    assert_close_adapters(final_adapter(tmp_path / "ddp_global"), single)
-    assert_close_adapters(final_adapter(tmp_path / "ddp_gc"), final_adapter(reference / "single_gc"))
-    assert_close_qlora(final_adapter(tmp_path / "ddp_qlora"), final_adapter(reference / "single_qlora"))
-    # Only rank 0 wrote: the run's files, once.
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
-        "adapter", "checkpoint-2", "checkpoint-4", "loss.png", "metrics.jsonl", "run.json"]
-
-    # Checkpointed on 2 ranks, resumed on 1 with the same global batch (4 rows x 2): the same adapter.
-    resumed = resume_on_one_process(tmp_path, "ddp", "ddp_resumed")
-    assert_close_adapters(final_adapter(resumed), single)
-    with pytest.raises(ValueError, match="checkpoint-2 has global_batch=8, this run asks global_batch=4"):
-        resume_on_one_process(tmp_path, "ddp", "ddp_other_batch", grad_accum=1)
-
-
-def test_fsdp2_equals_one_process_shards_the_base_and_resumes_on_one(reference, tmp_path, capfd):
-    fsdp = {"strategy": "fsdp"}
-    # Checkpointed by one process, resumed on 2 ranks: rank 0 reads the whole tensors, each rank keeps its shard.
-    cut_at_checkpoint_2(reference / "single", tmp_path / "fsdp_from_one")
-    outcomes = run_ranks([settings(tmp_path, "fsdp", batch_size=2, distributed=fsdp),
-                          settings(tmp_path, "fsdp_gc", batch_size=2, distributed=fsdp, gradient_checkpointing=True),
-                          settings(tmp_path, "fsdp_qlora", batch_size=2, distributed=fsdp, quantize="nf4"),
-                          nf4_shards,
-                          # (the reference's data file: resume checks that the data is the same)
-                          settings(reference, "fsdp_from_one", batch_size=2, distributed=fsdp, resume=True,
-                                   output_dir=str(tmp_path / "fsdp_from_one"))])
-    assert [outcome[:3] + outcome[4:] for outcome in outcomes] == [["ok"] * 4, ["ok"] * 4]
-    printed = capfd.readouterr().out
+def test_fsdp2_equals_one_process_and_shards_the_base(runs):
+    for job in ("fsdp", "fsdp_gc", "fsdp_qlora"):
+        assert runs.status(job) == ["ok", "ok"], job
+    printed = "".join(runs.outcomes[job][0].printed for job in ("fsdp", "fsdp_gc", "fsdp_qlora", "fsdp_from_one"))
     lines = [line for line in printed.splitlines() if line.startswith("base weights per rank:")]
-    assert len(lines) == 4  # rank 0 alone prints, once per run (float64, gradient checkpointing, QLoRA, resumed)
+    assert len(lines) == 4  # once per run (float64, gradient checkpointing, QLoRA, resumed)
     for line in lines:
         local, whole = (int(x.replace(",", "")) for x in line.split("; ")[1].split()[0:3:2])
         assert 0.45 * whole < local < 0.55 * whole, line  # about half of the base on each of 2 ranks
     # Each rank holds about half of the NF4 codes and scales (measured from its local shards), and the
     # sharded model computes the unsharded model's loss and adapter gradients bit for bit.
     nf4_whole = None
-    for outcome in outcomes:
-        fields = outcome[3].split()
+    for line in runs.status("nf4_shards"):
+        fields = line.split()
         local, whole, base_local, base_whole = (int(fields[i]) for i in (1, 2, 4, 5))
-        assert 0.45 * whole < local < 0.55 * whole and 0.45 * base_whole < base_local < 0.55 * base_whole, outcome
-        assert nf4_whole in (None, whole) and fields[-1] == "True", outcome
+        assert 0.45 * whole < local < 0.55 * whole and 0.45 * base_whole < base_local < 0.55 * base_whole, line
+        assert nf4_whole in (None, whole) and fields[-1] == "True", line
         nf4_whole = whole
 
-    single = final_adapter(reference / "single")
-    assert_same_steps(tmp_path / "fsdp", reference / "single")
-    assert_close_adapters(final_adapter(tmp_path / "fsdp"), single)
-    assert_close_adapters(final_adapter(tmp_path / "fsdp_gc"), final_adapter(reference / "single_gc"))
+    single = runs.adapter("single")
+    assert_same_steps(runs.folder / "fsdp", runs.folder / "single")
+    assert_close_adapters(runs.adapter("fsdp"), single)
+    assert_close_adapters(runs.adapter("fsdp_gc"), single)
     # QLoRA under FSDP2, the NF4 codes and scales sharded.
-    assert_close_qlora(final_adapter(tmp_path / "fsdp_qlora"), final_adapter(reference / "single_qlora"))
-    # The checkpoint holds whole tensors: one process continues from it, and 2 ranks from one process's.
-    assert_close_adapters(final_adapter(resume_on_one_process(tmp_path, "fsdp", "fsdp_resumed")), single)
-    assert_close_adapters(final_adapter(tmp_path / "fsdp_from_one"), single)
-    assert_same_steps(tmp_path / "fsdp_from_one", reference / "single")  # metrics.jsonl continued, not restarted
+    assert_close_qlora(runs.adapter("fsdp_qlora"), runs.adapter("single_qlora"))
+
+
+def test_dora_under_ddp_and_fsdp2_equals_one_process(runs):
+    # DoRA's magnitude is one more trainable vector per layer; its norm needs the whole base weight,
+    # which FSDP2 has gathered while the layer computes.
+    assert runs.status("fsdp_dora") == ["ok", "ok"]
+    single = runs.adapter("single_dora")
+    assert any("lora_magnitude_vector" in key for key in single)
+    for run in ("ddp_dora", "fsdp_dora"):
+        assert_same_steps(runs.folder / run, runs.folder / "single_dora")
+        assert_close_adapters(runs.adapter(run), single)
+
+
+def test_rank_0_alone_prints_and_writes(runs):
+    first, second = runs.outcomes["ddp"]
+    assert "ddp on 2 ranks (cpu): 2 rows x 2 micro-batch(es) x 2 ranks = 8 rows per step" in first.printed
+    assert "trainable params" in first.printed and second.printed == ""
+    assert sorted(p.name for p in (runs.folder / "ddp").iterdir()) == [
+        "adapter", "checkpoint-2", "checkpoint-4", "loss.png", "metrics.jsonl", "run.json"]
+    for job in runs.distributed:
+        assert [outcome.printed for outcome in runs.outcomes[job][1:]] == [""] * (len(runs.outcomes[job]) - 1), job
+
+
+def test_ranks_started_with_different_settings_or_a_batch_that_does_not_split_are_refused(runs):
+    for status in runs.status("mixed"):
+        assert "ranks started with different settings" in status and "rank 1 has seed=1 (rank 0: 0)" in status
+    for status in runs.status("odd"):
+        assert "global_batch_size=8 does not split over 2 rank(s) x batch_size 3" in status
+    assert not (runs.folder / "mixed" / "adapter").exists()
+
+
+def test_resume_across_world_sizes_continues_as_one_uninterrupted_process(runs):
+    single = runs.folder / "single"
+    # Checkpointed on 2 ranks (DDP, FSDP2), resumed on 1 and on 4 ranks; one process's checkpoint resumed
+    # on 2 FSDP2 ranks: the same adapter, and the same losses and gradient norms at every step.
+    assert runs.status("on_one") == ["ok", "ok"]
+    for job in ("fsdp_from_one", "ddp_on_four", "fsdp_on_four"):
+        assert runs.status(job) == ["ok"] * len(runs.outcomes[job]), job
+    assert "ddp on 4 ranks (cpu): 1 rows x 2 micro-batch(es) x 4 ranks = 8 rows per step" in \
+        runs.outcomes["ddp_on_four"][0].printed
+    for job in ("on_one", "fsdp_from_one", "ddp_on_four", "fsdp_on_four"):  # rank 0 says where it went on from
+        assert "checkpoint-2 (step 2)" in runs.outcomes[job][0].printed, job
+    for run in ("ddp_on_one", "fsdp_on_one", "fsdp_from_one", "ddp_on_four", "fsdp_on_four"):
+        assert_same_steps(runs.folder / run, single)  # metrics.jsonl continued, not restarted
+        assert_close_adapters(runs.adapter(run), runs.adapter("single"))
+    refused = runs.status("other_batch")[0]  # another global batch would not continue the same run
+    assert refused.startswith("ValueError: cannot resume the run in") and \
+        "checkpoint-2 has global_batch=8, this run asks global_batch=4" in refused
 
 
 def test_fsdp_without_several_processes_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--distributed fsdp needs several processes: pass --nproc N"):
-        train(TrainConfig(**settings(tmp_path, "alone", distributed={"strategy": "fsdp"})), *model64())
+        train(TrainConfig(**settings(tmp_path, "alone", distributed={"strategy": "fsdp"})))
     assert not (tmp_path / "alone").exists()
 
 
@@ -282,11 +290,11 @@ def test_nccl_on_a_cpu_run_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     values = settings(tmp_path, "nccl", device="cpu", distributed={"backend": "nccl"})
     with pytest.raises(ValueError, match="backend 'nccl' needs CUDA GPUs, and this run's device is cpu"):
-        train(TrainConfig(**values), *model64())
+        train(TrainConfig(**values))
 
 
 def test_a_global_batch_that_does_not_split_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="global_batch_size=6 does not split over 1 rank.* multiple of 4"):
-        train(TrainConfig(**settings(tmp_path, "odd", grad_accum=1, global_batch_size=6)), *model64())
+        train(TrainConfig(**settings(tmp_path, "odd", grad_accum=1, global_batch_size=6)))
     with pytest.raises(ValueError, match="give global_batch_size .* or grad_accum .*, not both"):
         TrainConfig(**settings(tmp_path, "both", global_batch_size=8))
