@@ -183,13 +183,18 @@ def _pad_to_blocks(values: torch.Tensor, block_size: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """NF4 decision boundaries (15,) and a byte -> (high value, low value) table (256, 2), per device."""
+    """NF4 decision boundaries (15,) and the byte -> (high value, low value) table, per device.
+
+    The table holds 256 int64 entries, each the bytes of two fp32 values: one gather per code byte
+    fetches both of its values (1-D `index_select`, about 10x faster on a CPU than indexing a
+    (256, 2) table), and the result read as fp32 is the values in order.
+    """
     values = torch.tensor(NF4_VALUES, dtype=torch.float32)
     # Midpoints in fp32, as bitsandbytes computes them: a value exactly on one rounds down.
     boundaries = (values[:-1] + values[1:]) / 2
     byte = torch.arange(256)
-    pairs = torch.stack((values[byte >> 4], values[byte & 0xF]), dim=1)
-    return boundaries.to(device), pairs.to(device)
+    pairs = torch.stack((values[byte >> 4], values[byte & 0xF]), dim=1)  # (256, 2) fp32
+    return boundaries.to(device), pairs.view(torch.int64).reshape(256).to(device)
 
 
 def quantize_nf4(tensor: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Tensor:
@@ -269,7 +274,11 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     dtype = q.dtype if dtype is None else dtype
     _check_dtype(dtype, "dequantization dtype")
     _, pairs = _tables(q.device)
-    values = pairs[q.codes.to(torch.int32)].reshape(-1)  # (2 * ceil(numel / 2),) fp32
-    blocks = _pad_to_blocks(values, q.block_size)  # (n_blocks, block_size)
-    out = (blocks * q.absmax_fp32()[:, None]).reshape(-1)[: q.numel]
-    return out.to(dtype).reshape(q.shape)
+    values = torch.index_select(pairs, 0, q.codes.to(torch.int32)).view(torch.float32)  # (2 * ceil(numel / 2),)
+    blocks = _pad_to_blocks(values, q.block_size)  # (n_blocks, block_size) fp32, a new tensor: ours to reuse
+    scales = q.absmax_fp32()[:, None]  # (n_blocks, 1)
+    if dtype == torch.float32:
+        out = blocks.mul_(scales)
+    else:  # the product is computed in fp32 and rounded once to `dtype` as it is stored: no fp32 copy
+        out = torch.mul(blocks, scales, out=torch.empty(blocks.shape, dtype=dtype, device=blocks.device))
+    return out.reshape(-1)[: q.numel].reshape(q.shape)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lorakit.quant import NF4_VALUES, NF4Tensor, dequantize_nf4, quantize_nf4
-from lorakit.quant.double_quant import dynamic_map, quantize_absmax
+from lorakit.quant.double_quant import dequantize_absmax, dynamic_map, quantize_absmax
 
 bnb = pytest.importorskip("bitsandbytes.functional")
 
@@ -167,3 +167,37 @@ def test_inconsistent_nf4_tensor_is_rejected():
         NF4Tensor(q.codes, q.absmax, torch.Size((100,)), torch.float32, 64)
     with pytest.raises(ValueError, match="given together"):
         NF4Tensor(q.codes, q.absmax, q.shape, q.dtype, 64, absmax_scale=torch.ones(1))
+
+
+def _reference_dequantize(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """NF4_VALUES[code] * block absmax, one code at a time from the unpacked nibbles, in float64.
+
+    A product of two fp32 values is exact in float64, so rounding it to fp32 gives the correctly
+    rounded fp32 product: the result must match dequantize_nf4 bit for bit.
+    """
+    codes = torch.stack((q.codes >> 4, q.codes & 0xF), dim=1).reshape(-1)[: q.numel].long()
+    values = torch.tensor(NF4_VALUES, dtype=torch.float64)[codes]
+    scales = q.absmax_fp32().double().repeat_interleave(q.block_size)[: q.numel]
+    return (values * scales).float().to(dtype).reshape(q.shape)
+
+
+@pytest.mark.parametrize("block_size", [32, 64, 256])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dequantize_is_bit_equal_to_the_float64_formula(shape, dtype, double_quant, block_size):
+    q = quantize_nf4(_random(shape, torch.float32, seed=4), block_size=block_size, double_quant=double_quant)
+    ours = dequantize_nf4(q, dtype)
+    assert ours.dtype == dtype and ours.shape == q.shape and ours.is_contiguous()
+    assert torch.equal(ours, _reference_dequantize(q, dtype))
+
+
+def test_dequantized_scales_follow_the_formula_bit_for_bit():
+    # map[code] * scale, rounded to fp32, plus the offset: the steps bitsandbytes takes, in float64
+    # (a product of two fp32 values is exact there) and rounded once per step.
+    generator = torch.Generator().manual_seed(5)
+    absmax = torch.randn(256 * 3 + 40, generator=generator).exp()
+    codes, scale, offset = quantize_absmax(absmax)
+    block = torch.arange(codes.numel()) // 256
+    product = (dynamic_map().double()[codes.long()] * scale.double()[block]).float()
+    assert torch.equal(dequantize_absmax(codes, scale, offset), product + offset)
