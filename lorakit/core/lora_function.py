@@ -65,6 +65,8 @@ def lora_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
                   lora_b: torch.Tensor, xa: torch.Tensor, mask: torch.Tensor | None, scale: float, need_x: bool,
                   need_a: bool, need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dA, dB) from dy, each None when not needed; without `weight`, dx is the adapter's part only."""
+    if mask is not None and need_a and need_x:  # two masked products: a float mask multiplies several x faster
+        mask = mask.to(x.dtype)
     grad_b = torch.mm(grad.T, xa).mul_(scale) if need_b else None
     grad_xa = torch.mm(grad, lora_b).mul_(scale)  # (N, r)
     grad_a = torch.mm(grad_xa.T, _masked(x, mask)) if need_a else None
