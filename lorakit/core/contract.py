@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lorakit.core.rows import RowAdapters, add_rows, gather_rows
+from lorakit.core.rows import RowAdapters, StackedFactors, add_rows, gather_rows
 
 SUPPORTED_MODULES = "nn.Linear, transformers' Conv1D, nn.Embedding and lorakit's NF4Linear"
 
@@ -111,6 +111,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.row_adapters: RowAdapters | None = None
+        self._row_stacks: StackedFactors | None = None  # see stacked_factors
         # PiSSA / OLoRA adapters (init_methods.py): name -> the (A0, B0) they started from, kept for
         # save_adapter(convert_to_lora=True), and on a 4-bit base the relative error of quantizing the
         # residual again. Not in the state dict.
@@ -160,6 +161,7 @@ class LoraLayer(nn.Module):
         assert name not in self.merged_adapters, "unmerge before deleting"
         self._drop(name)
         del self.scaling[name]
+        self._row_stacks = None
         self.initial_factors.pop(name, None)
         self.requantization_error.pop(name, None)
         if name in self.active_adapters:
@@ -172,25 +174,36 @@ class LoraLayer(nn.Module):
         self.set_active([name])
 
     def forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Inside adapters_per_row: gather each adapter's rows, compute its update, add it back at those rows."""
-        assert self.row_adapters is not None
+        """Inside adapters_per_row: each row's update added at its row, batched when the kind allows."""
+        plan = self.row_adapters
+        assert plan is not None
         # Without autograd the base output is ours to update in place, saving a copy per adapter.
         in_place = not result.requires_grad
-        groups = self.row_adapters.groups(x.shape[0], self.path)
-        names = self.row_adapters.names
-        factors = self.row_factors(names) if len(groups) > 1 else None
-        if factors is not None and any(f is not None for f in factors):  # two batched matmuls (rows.py)
-            return gather_rows(x, result, factors, [self.scaling.get(n or "", 0.0) for n in names], in_place)
+        groups = plan.groups(x.shape[0], self.path)
+        held = [name for name, _ in groups if name in self.scaling]
+        if len(groups) > 1 and held and self.batches_rows(held):  # two batched matmuls (rows.py)
+            if not torch.is_grad_enabled():
+                return self.stacked_factors().add_rows(x, result, plan, in_place)
+            factors = [self.factors(n) if n in self.scaling else None for n in plan.names]
+            return gather_rows(x, result, factors, [self.scaling.get(n or "", 0.0) for n in plan.names], in_place)
         for name, rows in groups:
             if name in self.scaling:
                 update, scale = self.update(name, x if rows is None else x.index_select(0, rows))
                 result = add_rows(result, rows, update.to(result.dtype), scale, in_place)
         return result
 
-    def row_factors(self, names: Sequence[str | None]) -> list[tuple[torch.Tensor, torch.Tensor] | None] | None:
-        """Per row, the (A, B) that `gather_rows` stacks (None for a row whose adapter is not here), or
-        None when this kind computes its rows through `update` one adapter at a time (the default)."""
-        return None
+    def batches_rows(self, names: Sequence[str]) -> bool:
+        """Whether the rows of adapters `names` (all held here) can run as one batched update
+        (`gather_rows`); False (the default) computes them through `update` one adapter at a time."""
+        return False
+
+    def stacked_factors(self) -> StackedFactors:
+        """Every held adapter's A and B stacked for per-row forwards without autograd, kept while current."""
+        stacks = self._row_stacks
+        if stacks is None or not stacks.is_current(self.scaling):
+            self._row_stacks = None  # free the old copy before making the new one
+            stacks = self._row_stacks = StackedFactors({n: self.factors(n) for n in self.scaling}, self.scaling)
+        return stacks
 
     def adapter_parameters(self, name: str) -> list[torch.Tensor]:
         """Every tensor adapter `name` trains: A and B, plus what a variant adds (DoRA's magnitude)."""

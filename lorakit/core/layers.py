@@ -205,6 +205,8 @@ class LoraLinear(LoraLayer):
 
     def refuse_dora(self, names: list[str], what: str) -> None:
         """ValueError when an adapter among `names` uses DoRA, which `what` does not support."""
+        if not self.lora_magnitude_vector:  # no DoRA adapter here: the check per forward stays cheap
+            return
         dora = sorted({n for n in names if self.uses_dora(n)})
         if dora:
             raise ValueError(f"adapter(s) {', '.join(map(repr, dora))} use DoRA, which {what} do not support yet "
@@ -260,13 +262,12 @@ class LoraLinear(LoraLayer):
         dropout = self.lora_dropout[name]
         return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
-    def row_factors(self, names: Sequence[str | None]) -> list[tuple[torch.Tensor, torch.Tensor] | None] | None:
-        """Per row, its adapter's (A, B) for the batched per-row path; None (one adapter at a time)
-        when a row's adapter has live dropout, whose mask `update` draws per adapter."""
-        held = [n if n in self.scaling else None for n in names]
-        if any(n is not None and self.dropout_p(n) > 0 for n in set(held)):
-            return None
-        return [None if n is None else self.factors(n) for n in held]
+    def batches_rows(self, names: Sequence[str]) -> bool:
+        """Per-row rows batch unless an adapter among `names` has live dropout, whose mask `update`
+        draws per adapter."""
+        if not any(isinstance(d, nn.Dropout) and d.training and d.p > 0 for d in self.lora_dropout.values()):
+            return True  # the common case, checked without a lookup per name
+        return all(self.dropout_p(n) == 0 for n in names)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """What adapter `name` adds to the unmerged weight, fp32, laid out like it: s B A, or for

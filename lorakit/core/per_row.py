@@ -50,7 +50,9 @@ def adapters_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[
     try:
         for module in modules:
             device = base_device(module.original())
-            module.row_adapters = plans.setdefault(device, RowAdapters(names, device))
+            if device not in plans:  # one plan per device, shared by its layers
+                plans[device] = RowAdapters(names, device)
+            module.row_adapters = plans[device]
         yield
     finally:
         for module in modules:

@@ -7,6 +7,7 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig, add_adapter, disable_adapters, set_adapter
+from lorakit.core import rows as rows_module
 from lorakit.core.per_row import adapters_per_row
 from lorakit.core.rows import RowAdapters
 from tests.models import logits, randomize_adapters, tiny_bert, tiny_llama, tokens
@@ -186,6 +187,69 @@ def test_gathered_rows_in_place_without_autograd_and_dropout_falls_back():
                               @ layer.factors(n)[1].T for i, n in enumerate(rows)])
         with plan(layer, rows):
             torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
-    assert layer.row_factors(rows) is not None
+    assert layer.batches_rows(["a", "b", "c"])
     layer.lora_dropout["c"] = torch.nn.Dropout(0.5).train()  # a live mask is drawn per adapter: the loop runs
-    assert layer.row_factors(rows) is None and layer.row_factors(["a", "b"]) is not None
+    assert not layer.batches_rows(["a", "b", "c"]) and layer.batches_rows(["a", "b"])
+
+
+def expected_rows(layer, x, rows):
+    """Each row's W0 x + s B A x written out (None: the base alone)."""
+    out = []
+    for i, name in enumerate(rows):
+        h = layer.base(x[i:i + 1])
+        if name is not None:
+            a, b = layer.factors(name)
+            h = h + layer.scaling[name] * (x[i:i + 1] @ a.T) @ b.T
+        out.append(h)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("by_slot", [True, False], ids=["by slot", "by row"])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_kept_stacks_follow_every_change_of_the_adapters(tokens, by_slot, monkeypatch):
+    """Without autograd the stacks are kept from forward to forward (rows.StackedFactors); any change
+    of a factor, a scale, the adapters held or the dtype makes the next forward restack. Both routes
+    (the rows grouped by slot, or each row's factors picked) give the formula."""
+    monkeypatch.setattr(rows_module, "_by_slot_pays", lambda *_: by_slot)
+    layer = stacked_layer()
+    x = torch.randn(5, tokens, 8, dtype=torch.float64)
+    rows = ["b", "a", None, "c", "a"]
+
+    def check(rows=rows):
+        with torch.no_grad(), plan(layer, rows):
+            got = layer(x)
+        torch.testing.assert_close(got, expected_rows(layer, x, rows).to(got.dtype), rtol=0, atol=1e-12)
+
+    with torch.no_grad():
+        check()
+        kept = layer._row_stacks
+        check(["a", "c", "c", None, "b"])  # another plan reuses the same stacks
+        assert layer._row_stacks is kept
+        layer.set_factors("a", torch.randn(2, 8), torch.randn(6, 2))  # what load_adapter does
+        check()
+        assert layer._row_stacks is not kept
+        layer.b("c").weight.mul_(3.0)  # an optimizer step writes in place too
+        check()
+        layer.scaling["b"] = 1.5
+        check()
+        layer.add("d", r=2, scale=1.0, init="random")
+        check(["d", "a", "d", None, "b"])
+        layer.delete("a")
+        assert layer._row_stacks is None
+        check([None, "b", "d", "c", "c"])
+    layer.float()
+    x = x.float()
+    with torch.no_grad(), plan(layer, ["d", "b", None, "c", "d"]):
+        got = layer(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected_rows(layer, x, ["d", "b", None, "c", "d"]), rtol=1e-5, atol=1e-5)
+
+
+def test_the_route_follows_the_cost_of_work_and_copies():
+    pays = rows_module._by_slot_pays  # (slots, rows in the fullest slot, rows, tokens per row)
+    assert pays(16, 1, 16, 1)  # decode, one row per adapter: every factor read once, nothing copied
+    assert pays(8, 4, 32, 1)  # 32 rows over 8 adapters, evenly
+    assert not pays(100, 1, 16, 1)  # 100 adapters held, 16 in use: reading the idle ones costs more
+    assert pays(16, 12, 16, 1)  # uneven decode: the padding (one token per place) costs less than copies
+    assert not pays(16, 12, 16, 8)  # uneven with 8 tokens per row: the padding costs more
+    assert not pays(4, 2, 5, 200)  # prefill, uneven: padding multiplies 200 tokens per place
