@@ -103,3 +103,23 @@ def test_members_that_cannot_join_run_alone():
     attention.v_proj.disabled = True  # q alone is left: no group
     q = attention.q_proj(torch.randn(2, 3, 32))
     assert type(q.grad_fn.next_functions[0][0]).__name__ == "LoraLinearFunctionBackward"
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks():
+    # the recompute draws q/k/v's shared mask again from the restored RNG state, inside the group
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        add_adapter(model, LoraConfig(r=4, dropout=0.3))
+        randomize_adapters(model)
+        fuse_gated_mlps(model)
+        group_attention_inputs(model)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        torch.manual_seed(0)
+        results.append(loss_and_grads(model, tokens()))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6)
