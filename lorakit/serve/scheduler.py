@@ -140,8 +140,10 @@ class Scheduler:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens, as generate does
         with adapters_per_row(self.model, [s.adapter for s in rows]):
+            # The last position as a tensor: `logits_to_keep=1` would slice the hidden states into a
+            # strided view, which the head's CPU matmul runs several times slower than a gathered copy.
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1)
+                             logits_to_keep=torch.tensor([ids.shape[1] - 1], device=self.device))
         return getattr(out, self.cache_arg), mask, out.logits[:, -1]
 
     def _join(self, rows: list[Sequence], cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
