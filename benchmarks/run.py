@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, help="warm-up steps per child (default 1)")
     parser.add_argument("--batch", type=int, help="default 4, quick 2")
     parser.add_argument("--seq", type=int, help="default 256, quick 128")
-    parser.add_argument("--skip", default="", help="comma-separated sections to leave out: "
+    parser.add_argument("--skip", default="", help="comma-separated sections to leave out (a section the --json "
+                        "file holds keeps its earlier figures): "
                         f"extras,live,loss,generation,cuda,{','.join(SECTIONS)}")
     parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)} to run again, "
                         "keeping every other figure of the --json file")
@@ -102,7 +103,10 @@ def main() -> None:
         results["generation"] = _safe(lambda: run_child("benchmarks.generation", [
             "--runs", str(gen["runs"]), "--warmup", str(gen["warmup"]), "--merge-runs", str(gen["merge_runs"]),
             "--new-tokens", str(gen["new_tokens"])]))
-    results["sections"] = {key: run_section(key, quick) for key in SECTIONS if key not in skip}
+    # A skipped section keeps the figures of the run that measured it (each names its own command and date).
+    earlier = _earlier_sections(Path(args.json))
+    results["sections"] = {key: run_section(key, quick) if key not in skip else earlier[key]
+                           for key in SECTIONS if key not in skip or key in earlier}
     if "cuda" not in skip:
         results["cuda"] = _cuda(args, plan)
 
@@ -206,6 +210,14 @@ def _median_shapes(matmuls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         flops = 2.0 * first["m"] * first["k"] * first["n"]
         rows.append({**first, "seconds": seconds, "gflops": flops / seconds / 1e9})
     return rows
+
+
+def _earlier_sections(path: Path) -> dict[str, Any]:
+    """The sections an earlier results file holds ({} when there is none)."""
+    try:
+        return dict(json.loads(path.read_text()).get("sections", {}))
+    except (OSError, ValueError):
+        return {}
 
 
 def _only(args: argparse.Namespace) -> None:
