@@ -15,7 +15,6 @@ import atexit
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,9 +194,14 @@ def broadcast(world: World, value: T) -> T:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Start `python -m lorakit <argv>` as `nproc` ranks under torchrun on this machine; its exit code."""
-    command = [sys.executable, "-m", "lorakit.train.launch", str(nproc), *argv]
-    return subprocess.run(command, check=False).returncode
+    """Start `python -m lorakit <argv>` as `nproc` ranks under torchrun on this machine; its exit code.
+
+    torchrun's agent runs in this process (a separate launcher process would import torch once more,
+    seconds of start-up per job); the ranks are its children, and end with it.
+    """
+    from lorakit.train.launch import main
+
+    return main([str(nproc), *argv])
 
 
 def _device(asked: str, local_rank: int) -> torch.device:

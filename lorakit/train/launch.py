@@ -1,8 +1,8 @@
-"""`python -m lorakit.train.launch N train ...`: start `python -m lorakit train ...` as N ranks under torchrun.
+"""`lorakit train --nproc N ...`: start `python -m lorakit train ...` as N ranks under torchrun.
 
-What `lorakit train --nproc N` runs. torchrun's own command line would read our flags as
-abbreviations of its own (`--r` is ambiguous there), so its options are parsed alone and our
-arguments are handed to the ranks untouched.
+`main` runs torchrun's agent in the calling process (also as `python -m lorakit.train.launch N train ...`).
+torchrun's own command line would read our flags as abbreviations of its own (`--r` is ambiguous
+there), so its options are parsed alone and our arguments are handed to the ranks untouched.
 """
 
 from __future__ import annotations

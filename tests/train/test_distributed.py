@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,15 +47,32 @@ def cut_at_checkpoint_2(source: Path, folder: Path) -> Path:
     return folder
 
 
-def cut_on_rank_0(cuts: list[tuple[Path, Path]], rank: int) -> str:
-    """A job: rank 0 cuts finished runs at checkpoint-2; every rank waits until it has."""
+def on_rank_0(work: Callable[[], Any], rank: int) -> str:
+    """A job: rank 0 does `work`; every rank waits until it has."""
     import torch.distributed as dist
 
     if rank == 0:
-        for source, folder in cuts:
-            cut_at_checkpoint_2(source, folder)
+        work()
     dist.barrier()
-    return "cut"
+    return "done"
+
+
+def cut_runs(cuts: list[tuple[Path, Path]]) -> None:
+    for source, folder in cuts:
+        cut_at_checkpoint_2(source, folder)
+
+
+def save_tiny_model(folder: Path) -> None:
+    model, tokenizer = tiny_model_and_tokenizer()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def train_command(argv: list[str], rank: int) -> str:
+    """A job: `lorakit train ...` on this rank, as torchrun would start it (`-m lorakit train ...`)."""
+    from lorakit.cli.main import main
+
+    return f"exit {main(argv)}"
 
 
 def nf4_shards(rank: int) -> str:
@@ -139,14 +157,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         "fsdp_qlora": Together(run("fsdp_qlora", batch_size=2, distributed=FSDP, quantize="nf4")),
         "fsdp_dora": Together(run("fsdp_dora", batch_size=2, distributed=FSDP, use_dora=True)),
         "nf4_shards": nf4_shards,
-        "cut": partial(cut_on_rank_0, [(folder / source, folder / cut) for source, cut in (
+        "cut": partial(on_rank_0, partial(cut_runs, [(folder / source, folder / cut) for source, cut in (
             ("single", "fsdp_from_one"), ("ddp", "ddp_on_one"), ("fsdp", "fsdp_on_one"),
-            ("ddp", "ddp_other_batch"), ("ddp", "ddp_on_four"), ("fsdp", "fsdp_on_four"))]),
+            ("ddp", "ddp_other_batch"), ("ddp", "ddp_on_four"), ("fsdp", "fsdp_on_four"))])),
         # Checkpointed by one process, resumed on 2 ranks: rank 0 reads the whole tensors, each rank keeps its shard.
         "fsdp_from_one": Together(resumed("fsdp_from_one", batch_size=2, distributed=FSDP)),
         # Checkpointed on 2 ranks, resumed by one process (4 rows x 2 micro-batches), two side by side.
         "on_one": Alone([resumed("ddp_on_one", distributed=None), resumed("fsdp_on_one", distributed=None)]),
         "other_batch": Alone([resumed("ddp_other_batch", distributed=None, grad_accum=1), None]),
+        # The command each rank runs under `lorakit train --nproc 2` (test_distributed_cli starts that for real).
+        "model folder": partial(on_rank_0, partial(save_tiny_model, folder / "tiny-model")),
+        "command": partial(train_command, [
+            "train", "--model", str(folder / "tiny-model"), "--data", str(folder / "train.jsonl"), "--output-dir",
+            str(folder / "command"), "--max-steps", "2", "--r", "2", "--batch-size", "2", "--global-batch-size", "8",
+            "--max-length", "32", "--save-every", "2", "--no-progress", "--distributed", "ddp"]),
     }
     # Checkpointed on 2 ranks, resumed on 4: 4 ranks x 1 row x 2 micro-batches.
     on_four: dict[str, Any] = {
@@ -249,6 +273,14 @@ def test_rank_0_alone_prints_and_writes(runs):
         "adapter", "checkpoint-2", "checkpoint-4", "loss.png", "metrics.jsonl", "run.json"]
     for job in runs.distributed:
         assert [outcome.printed for outcome in runs.outcomes[job][1:]] == [""] * (len(runs.outcomes[job]) - 1), job
+
+
+def test_the_train_command_on_ranks_reports_once(runs):
+    assert runs.status("command") == ["exit 0", "exit 0"]
+    first, second = runs.outcomes["command"]
+    assert "trained 2 steps" in first.printed and second.printed == ""
+    assert (runs.folder / "command" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (runs.folder / "command" / "metrics.jsonl").read_text().count('"kind": "train"') == 2
 
 
 def test_ranks_started_with_different_settings_or_a_batch_that_does_not_split_are_refused(runs):
