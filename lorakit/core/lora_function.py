@@ -16,8 +16,8 @@ decides. Under autocast (CPU bf16, CUDA bf16/fp16) the fused functions cast x, W
 autocast's dtype, as autocast casts a linear's inputs, and run in that dtype; A's and B's
 gradients flow back to their own dtype through the casts, as with autocast's own linears.
 
-Dropout draws its keep masks with p rounded to a multiple of 2^-15 (`quantized_dropout`; 0.05
-becomes 0.0499878, 1.2e-5 less) and scales by 1 / (1 - that p), so the update stays unbiased;
+Dropout draws its keep masks with p rounded to a multiple of 2^-16 (`quantized_dropout`; 0.05
+becomes 0.0500031, 3.1e-6 more) and scales by 1 / (1 - that p), so the update stays unbiased;
 that rounding lets one 64-bit draw of torch's generator give four mask entries (`draw_keep_mask`).
 """
 
@@ -186,13 +186,13 @@ def dropout_mask(x: torch.Tensor, p: float, reader: Hashable | None = None) -> t
     return shared(x, ("mask", p), lambda: draw_keep_mask(x, p), reader)
 
 
-_MASK_BITS = 15  # an int64 draw holds 63 random bits: four 15-bit numbers
+_MASK_BITS = 16  # an int64 draw over its full range holds four uniform 16-bit numbers
 
 
 def quantized_dropout(p: float) -> float:
-    """p rounded to a multiple of 2^-15 (at most 1 - 2^-15): the drop probability the masks really have.
+    """p rounded to a multiple of 2^-16 (at most 1 - 2^-16): the drop probability the masks really have.
 
-    The fused paths scale by 1 / (1 - this p), so the update's expectation stays exact. p below 2^-16
+    The fused paths scale by 1 / (1 - this p), so the update's expectation stays exact. p below 2^-17
     rounds to 0: no dropout.
     """
     steps = 1 << _MASK_BITS
@@ -203,9 +203,9 @@ def draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A fresh 0/1 uint8 keep mask shaped like x: 1 with probability exactly 1 - quantized_dropout(p).
 
     torch's CPU generator is serial, and its cost is per draw: `rand` spends one draw per entry. Here
-    one int64 draw (63 random bits) gives four 15-bit numbers u, and an entry is kept when
-    u >= p * 2^15: about 3x faster than rand >= p (1024 x 576 on one thread: 3.4 vs 10.2 ms). On
-    other devices rand >= p draws the same distribution (p is a multiple of 2^-15, exact in fp32).
+    one int64 draw over the full 64-bit range gives four int16 numbers u, uniform on [-2^15, 2^15),
+    and an entry is kept when u >= p * 2^16 - 2^15: one comparison, no float conversion. On other
+    devices rand >= p draws the same distribution (p is a multiple of 2^-16, exact in fp32).
     The draws come from torch's generator either way, so a restored RNG state (a checkpointed
     block's recompute, a resumed run) draws the same mask.
     """
@@ -215,10 +215,10 @@ def draw_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     if x.device.type != "cpu":
         return (torch.rand(x.shape, device=x.device) >= p).view(torch.uint8)
     n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # uniform on [0, 2^63)
-    # each 16-bit quarter without its top bit (bit 63 is always 0; the others drop for uniformity)
-    numbers = words.view(torch.int16)[:n].bitwise_and_((1 << _MASK_BITS) - 1)
-    return torch.ge(numbers, round(p * (1 << _MASK_BITS))).view(torch.uint8).view(x.shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # all 64 bits uniform
+    numbers = words.view(torch.int16)[:n]
+    threshold = round(p * (1 << _MASK_BITS)) - (1 << (_MASK_BITS - 1))
+    return torch.ge(numbers, threshold).view(torch.uint8).view(x.shape)
 
 
 _SHARED = "_lorakit_shared"

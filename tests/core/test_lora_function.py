@@ -205,11 +205,11 @@ def test_without_autograd_the_same_values_come_out():
     torch.testing.assert_close(quick, layer(x).detach(), rtol=0, atol=0)
 
 
-def test_dropout_is_rounded_to_a_multiple_of_2_to_the_minus_15():
-    assert quantized_dropout(0.05) == 1638 / 32768  # 0.0499878: 1.2e-5 below
-    assert quantized_dropout(0.0) == 0.0 and quantized_dropout(1e-6) == 0.0  # below 2^-16: no dropout
-    assert quantized_dropout(0.99999) == 32767 / 32768  # never 1: the scale 1 / (1 - p) stays finite
-    assert dropout_mask(torch.zeros(3, 4), 1e-6) is None
+def test_dropout_is_rounded_to_a_multiple_of_2_to_the_minus_16():
+    assert quantized_dropout(0.05) == 3277 / 65536  # 0.0500031: 3.1e-6 above
+    assert quantized_dropout(0.0) == 0.0 and quantized_dropout(5e-6) == 0.0  # below 2^-17: no dropout
+    assert quantized_dropout(0.999999) == 65535 / 65536  # never 1: the scale 1 / (1 - p) stays finite
+    assert dropout_mask(torch.zeros(3, 4), 5e-6) is None
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
