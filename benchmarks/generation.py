@@ -8,8 +8,12 @@ really changes the model). Measured, the two libraries taking turns:
 - greedy generation, batch 1, a short chat prompt, exactly `new-tokens` new tokens
   (min_new_tokens = max_new_tokens), unmerged and then merged; tokens/s counts new tokens only
   (the prompt's prefill is inside the time);
-- merge_and_unload, each run on a fresh deep copy of the adapted model;
-- the largest logits difference, merged vs unmerged, on a fixed 2 x 64 batch, and lorakit vs PEFT.
+- merge_and_unload, each run on a fresh deep copy of the adapted model, the order swapped every run;
+- the largest logits difference, merged vs unmerged, on a fixed 2 x 64 batch, and lorakit vs PEFT;
+- the largest difference between the two libraries' merged weights, and merged generation beside
+  the plain base model (a merged model is a plain model: equal speed, up to noise);
+- one LoRA layer call at a decode shape (1 x 1 x 576 through a 576 x 576 q_proj), lorakit, PEFT
+  and a plain nn.Linear taking turns: the per-layer, per-token overhead of each library.
 
 Prints one `RESULT {json}` line.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 import warnings
 from typing import Any
 
@@ -85,10 +90,11 @@ def measure(runs: int, warmup: int, merge_runs: int, new_tokens: int) -> dict[st
     result["unmerged_lorakit_vs_peft"] = (unmerged["lorakit"] - unmerged["peft"]).abs().max().item()
     result["generate_unmerged"], tokens_unmerged = _generation(models, generate, runs, warmup, new_tokens)
 
+    result["decode_layer_call_us"] = _decode_layer_call(runs=max(7, runs))
     merge_times: dict[str, list[float]] = {name: [] for name in models}
     merged: dict[str, nn.Module] = {}
-    for _ in range(merge_runs):  # each run merges a fresh copy, the libraries in turn
-        for name, model in models.items():
+    for i in range(merge_runs):  # each run merges a fresh copy, the libraries in turn, the order swapped
+        for name, model in (models.items() if i % 2 == 0 else reversed(models.items())):
             fresh = copy.deepcopy(model)
             unload = merge_and_unload if name == "lorakit" else _peft_merge_and_unload
             seconds, merged[name] = timed(lambda fresh=fresh, unload=unload: unload(fresh))
@@ -98,6 +104,10 @@ def measure(runs: int, warmup: int, merge_runs: int, new_tokens: int) -> dict[st
     merged_logits = {name: model(input_ids=probe).logits for name, model in merged.items()}
     result["merged_vs_unmerged"] = {name: (merged_logits[name] - unmerged[name]).abs().max().item() for name in merged}
     result["merged_lorakit_vs_peft"] = (merged_logits["lorakit"] - merged_logits["peft"]).abs().max().item()
+    peft_weights = merged["peft"].state_dict()
+    result["merged_weights_lorakit_vs_peft"] = max(
+        (value - peft_weights[key]).abs().max().item() for key, value in merged["lorakit"].state_dict().items())
+    merged["base"] = build_model(setting).eval()  # the plain model both merged models should run like
     result["generate_merged"], tokens_merged = _generation(merged, generate, runs, warmup, new_tokens)
     result["same_tokens"] = {
         "unmerged_lorakit_vs_peft": bool(torch.equal(tokens_unmerged["lorakit"], tokens_unmerged["peft"])),
@@ -107,6 +117,38 @@ def measure(runs: int, warmup: int, merge_runs: int, new_tokens: int) -> dict[st
     result["sample"] = tokenizer.decode(tokens_merged["lorakit"][0, prompt_ids["input_ids"].shape[1]:],
                                         skip_special_tokens=True)
     return result
+
+
+def _decode_layer_call(runs: int, calls: int = 200) -> dict[str, Any]:
+    """Microseconds per call of one adapted 576 x 576 linear on a (1, 1, 576) input, per library,
+    beside a plain nn.Linear: what each library adds per layer per generated token."""
+    import peft
+
+    from lorakit import LoraConfig, add_adapter
+
+    class OneLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = nn.Linear(576, 576, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.q_proj(x)
+
+    torch.manual_seed(0)
+    ours = add_adapter(OneLinear(), LoraConfig(r=16, alpha=32, dropout=0.05, targets=["q_proj"])).eval()
+    theirs = peft.get_peft_model(OneLinear(), peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                              target_modules=["q_proj"])).eval()
+    layers: dict[str, nn.Module] = {"lorakit": ours.q_proj, "peft": theirs.base_model.model.q_proj,
+                                    "plain": OneLinear().q_proj}
+    x = torch.randn(1, 1, 576)
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    for _ in range(runs):
+        for name, layer in layers.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                layer(x)
+            times[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: {"median": median(t), "runs": t} for name, t in times.items()}
 
 
 def _peft_merge_and_unload(model: nn.Module) -> nn.Module:
