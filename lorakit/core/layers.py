@@ -265,8 +265,9 @@ class LoraLinear(LoraLayer):
     def batches_rows(self, names: Sequence[str]) -> bool:
         """Per-row rows batch unless an adapter among `names` has live dropout, whose mask `update`
         draws per adapter."""
-        if not any(isinstance(d, nn.Dropout) and d.training and d.p > 0 for d in self.lora_dropout.values()):
-            return True  # the common case, checked without a lookup per name
+        if not self.training or not any(isinstance(d, nn.Dropout) and d.training and d.p > 0
+                                        for d in self.lora_dropout.values()):
+            return True  # eval mode (serving), or no dropout: decided without a lookup per name
         return all(self.dropout_p(n) == 0 for n in names)
 
     def delta_weight(self, name: str) -> torch.Tensor:

@@ -146,8 +146,7 @@ class StackedFactors:
         """Whether the stacks still equal the layer's adapters (see the class doc)."""
         first = self._sources[0]
         return (tuple(scaling.items()) == self._scaling and first.dtype == self.a.dtype
-                and first.device == self.a.device
-                and all(t._version == v for t, v in zip(self._sources, self._versions, strict=True)))
+                and first.device == self.a.device and [t._version for t in self._sources] == self._versions)
 
     def add_rows(self, x: torch.Tensor, result: torch.Tensor, plan: RowAdapters, in_place: bool) -> torch.Tensor:
         """result + s_i B_i A_i x_i for every row i of `plan` (rows of adapters not held here add zero)."""
