@@ -5,7 +5,8 @@
 
 CPU (the default model, SmolLM2-135M, LoRA r=16 on the seven linear kinds, fp32): the same global
 batch of `--batch` rows per step, trained by 1 process with 2 threads (and with 1), then by 2
-processes with 1 thread each (torchrun, gloo) under DDP, FSDP2, and QLoRA (NF4 base) under FSDP2. Each run is its
+processes with 1 thread each (torchrun, gloo) under DDP, FSDP2 (also without lorakit's fixed mmap
+threshold, to show what it saves), and QLoRA (NF4 base) under FSDP2. Each run is its
 own process group, started fresh, through lorakit's own `parallel.wrap` (the model `lorakit train`
 trains). A step is forward + backward + clipping + AdamW step over the global batch; the figure
 is the median step after `--warmup` steps. Memory per rank: peak RSS (it includes loading the
@@ -81,6 +82,10 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.set_device(device)
     if strategy is not None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if strategy == "fsdp" and device.type == "cpu" and args.malloc == "fixed":
+        from lorakit.train.distributed import return_gathered_memory_promptly
+
+        return_gathered_memory_promptly()  # as lorakit train does
     rank = dist.get_rank() if strategy is not None else 0
     world = World(rank=rank, world_size=ranks, local_rank=local, strategy=strategy, device=device)
 
@@ -162,6 +167,9 @@ def cpu_section(args: argparse.Namespace) -> list[dict[str, Any]]:
             ("1 process x 1 thread", 1, 1, ["--strategy", "none"]),
             ("2 ranks x 1 thread, DDP", 2, 1, ["--strategy", "ddp"]),
             ("2 ranks x 1 thread, FSDP2", 2, 1, ["--strategy", "fsdp"]),
+            # What FSDP2 costs on a CPU without lorakit's fixed mmap threshold (distributed.py): the
+            # gathered weights' buffers stay in the heap.
+            ("2 ranks x 1 thread, FSDP2, glibc's own mmap threshold", 2, 1, ["--strategy", "fsdp", "--malloc", "glibc"]),
             ("2 ranks x 1 thread, QLoRA + FSDP2", 2, 1, ["--strategy", "fsdp", "--quant", "nf4"])]
     rows = []
     for name, nproc, threads, extra in runs:
@@ -224,6 +232,7 @@ def main() -> None:
     parser.add_argument("--strategy", choices=("none", "ddp", "fsdp"), default="none", help=argparse.SUPPRESS)
     parser.add_argument("--quant", choices=("none", "nf4"), default="none", help=argparse.SUPPRESS)
     parser.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--malloc", choices=("fixed", "glibc"), default="fixed", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
