@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 # What every rank imports: loaded once in the forkserver, shared by every rank forked from it.
+# (Not matplotlib.pyplot: it would pick its backend here, before lorakit asks for Agg.)
 PRELOAD = ["tests.train.ranks", "tests.train.helpers", "transformers.models.llama.modeling_llama",
-           "matplotlib.pyplot", "torch.distributed.fsdp", "torch.nn.parallel", "lorakit.quant", "lorakit.core.io"]
+           "torch.distributed.fsdp", "torch.nn.parallel", "lorakit.quant", "lorakit.core.io"]
 JOB_HANG_S = 90  # a job that takes longer has hung: the rank prints where it is, then ends
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -47,7 +48,7 @@ class Together:
 
 @dataclass(frozen=True)
 class Alone:
-    """One-process runs side by side: rank r trains `values[r]` alone, or waits where it is None."""
+    """One-process runs side by side: rank r trains `values[r]` alone, or sits this job out where it is None."""
 
     values: list[dict[str, Any] | None]
 
