@@ -136,7 +136,8 @@ class InputGroup:
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         outputs = shared(x, ("input group", id(self)), lambda: self._run(layer, x), reader=id(layer))
-        return outputs.get(id(layer))
+        # handed over, not kept: x lives until backward, and its cache must not hold q, k and v with it
+        return outputs.pop(id(layer), None)
 
     def _run(self, caller: LoraLinear, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Every joining member's output, by id; empty when fewer than two can join."""

@@ -123,3 +123,17 @@ def test_gradient_checkpointing_recomputes_the_same_masks():
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_group_keeps_no_output_once_handed_over():
+    import gc
+    import weakref
+
+    model, _ = train_step(True, 0.3)
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    outputs = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
+    refs = [weakref.ref(y) for y in outputs]
+    del outputs
+    gc.collect()
+    assert all(ref() is None for ref in refs)  # x (kept for backward) does not keep q, k and v alive
