@@ -26,15 +26,28 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from lorakit.core.lora_function import autocast_dtype, cast_all, dropout_mask, quantized_dropout, shared
 
-if TYPE_CHECKING:
-    from lorakit.core.layers import LoraLinear
+
+class LoraLinear(Protocol):
+    """What a group asks of its members (layers.LoraLinear; named here so core/layers.py, which
+    imports this module, is not imported back)."""
+
+    shares_dropout_mask: dict[str, bool]
+
+    def fused_adapter(self, dtype: torch.dtype, autocast: bool) -> str | None: ...
+
+    def dropout_p(self, name: str) -> float: ...
+
+    def live_adapters(self) -> list[str]: ...
+
+    def fused_arguments(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor,
+                                                  float, float]: ...
 
 FusedArguments = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, float]
 """(W, bias, A, B, s) of one member: W (out, in), bias (out,) or None, A (r, in), B (out, r)."""

@@ -26,8 +26,9 @@ def group_attention_inputs(model: nn.Module) -> int:
     for module in model.modules():
         layers = [getattr(module, name, None) for name in _PROJECTIONS]
         if all(isinstance(layer, LoraLinear) for layer in layers):
-            group = InputGroup([layer for layer in layers if isinstance(layer, LoraLinear)])
-            for layer in group.layers:
-                layer.input_group = group
+            members = [layer for layer in layers if isinstance(layer, LoraLinear)]
+            group = InputGroup(members)
+            for member in members:
+                member.input_group = group
             count += 1
     return count
