@@ -32,6 +32,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "lorakit.hf",
     "fuse_gated_mlps": "lorakit.hf.fused_mlp",
+    "group_attention_inputs": "lorakit.hf.fused_attention",
 }
 
 
@@ -54,6 +55,7 @@ __all__ = [
     "describe_adapter",
     "disable_adapters",
     "fuse_gated_mlps",
+    "group_attention_inputs",
     "list_adapters",
     "load_adapter",
     "load_model",
