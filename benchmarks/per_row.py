@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from benchmarks.common import cpu_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # A row computed alone and inside a batch of 16 go through differently blocked matmuls; over 30
@@ -125,7 +126,7 @@ def main() -> None:
           f"per-row >= 3x faster than PEFT: {peft_over:.2f}x ({'met' if peft_over >= 3 else 'NOT met'}).")
     print(f"Outputs agree with the rows one by one (max abs diff < {TOLERANCE:g}): {'yes' if agree else 'NO'}; the adapters "
           f"move the logits by up to {effect:.2f} from the base model's.")
-    print(f"Machine: {_processor()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+    print(f"Machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), peft {peft.__version__}, load average "
           f"{os.getloadavg()[0]:.1f} at the end; median of {args.runs} runs after {args.warmup} warm-up.")
     if args.json:
@@ -186,16 +187,6 @@ def _timed(methods: dict[str, Callable[[], torch.Tensor]], warmup: int, runs: in
             if i >= warmup:
                 times[label].append(time.perf_counter() - start)
     return times
-
-
-def _processor() -> str:
-    name = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as info:
-            name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return name or platform.machine()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -37,6 +36,7 @@ from benchmarks.common import (
     batch_ids,
     build_model,
     copy_adapter,
+    cpu_model,
     touch,
 )
 
@@ -171,15 +171,8 @@ def print_table(times: dict[str, list[dict[str, float]]], dequant: list[float], 
 
 
 def machine() -> str:
-    """The processor's model name (from /proc/cpuinfo where there is one), CPUs, torch and its threads."""
-    name = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as info:
-            name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return (f"{name or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+    """The processor's model name, CPUs, torch and its threads."""
+    return f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.per_row import _processor, write_random_adapters
+from benchmarks.common import cpu_model
+from benchmarks.per_row import write_random_adapters
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "SELECT name FROM"]
 
@@ -89,7 +90,7 @@ def main() -> None:
           f"answer, {served['errors']} errors; PEFT gives the same answer for {peft_same} of {len(pairs)} pairs.")
     print(f"Memory: peak RSS {served['rss_before_mb']:.0f} MB before the load run, {served['rss_peak_mb']:.0f} MB "
           f"at most during it (KV cache bounded by --max-batch {args.max_batch} rows).")
-    print(f"Machine: {_processor()}, torch {torch.__version__} ({torch.get_num_threads()} threads).")
+    print(f"Machine: {cpu_model()}, torch {torch.__version__} ({torch.get_num_threads()} threads).")
     if args.json:
         args.json.write_text(json.dumps(dict(setting={k: str(v) for k, v in vars(args).items()}, ways=rows,
                                              speedup_vs_one_at_a_time=speedup, wrong_answers=len(wrong),
