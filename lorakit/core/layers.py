@@ -27,7 +27,13 @@ from lorakit.core.contract import (
 )
 from lorakit.core.dora import Magnitude, dora_delta, dora_output, row_norm, unmerged_weight
 from lorakit.core.init_methods import factors_from_weight, relative_error
-from lorakit.core.lora_function import adapter_input, lora_linear, lora_update
+from lorakit.core.lora_function import (
+    adapter_input,
+    lora_forward,
+    lora_linear,
+    lora_update,
+    quantized_dropout,
+)
 from lorakit.core.shared_input import InputGroup
 
 __all__ = ["SUPPORTED_MODULES", "LoraEmbedding", "LoraLayer", "LoraLinear", "base_kind", "in_out", "wrap"]
@@ -168,6 +174,10 @@ class LoraLinear(LoraLayer):
         if self.row_adapters is not None:
             self.refuse_dora([n for n in self.row_adapters.names if n is not None], "per-row adapters")
             return self.forward_rows(x, self.base(x))
+        if not torch.is_grad_enabled():
+            out = self._inference(x)
+            if out is not None:
+                return out
         path = self.path_for(x.dtype, torch.is_autocast_enabled(x.device.type))
         live = self.live_adapters()
         if path == FUSED:  # the base and the one adapter in one autograd function (lora_function.py)
@@ -196,6 +206,32 @@ class LoraLinear(LoraLayer):
             else:  # add what DoRA changes: (g - 1) W0 x + g s B A dropout(x)
                 h = h + (self._dora(name, z) - base_out)
         return h
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor | None:
+        """W0 x + bias + s B A x without autograd, for one plain adapter on a linear base with no
+        dropout, all in x's dtype and autocast off; None otherwise (forward then decides as usual).
+
+        The same maths as the fused path without its autograd function. Generation runs this once per
+        layer per token, where the matmuls take tens of microseconds and Python's checks are no longer
+        small beside them: each is made once here, straight from the dicts, rather than through
+        path_for's general questions, and a grouped q/k/v (InputGroup) does not pay at one token.
+        """
+        live = self.live_adapters()
+        if len(live) != 1 or self.kind != "linear":
+            return None
+        name = live[0]
+        dropout = self.lora_dropout[name]
+        if name in self.lora_magnitude_vector or (dropout.training and isinstance(dropout, nn.Dropout)
+                                                  and quantized_dropout(dropout.p) > 0):
+            return None
+        base = cast(nn.Linear, self.base)
+        weight, bias = base.weight, base.bias
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if not (x.dtype == weight.dtype == a.dtype == b.dtype) or torch.is_autocast_enabled(x.device.type):
+            return None
+        flat = x.reshape(-1, x.shape[-1])
+        y, _ = lora_forward(flat, weight, bias, a, b, self.scaling[name], None)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _dora(self, name: str, z: torch.Tensor) -> torch.Tensor:
         """g * z + (1 - g) * bias for z = W0 x + bias + s B A dropout(x), g = m / ||W0 + s B A||_row."""
