@@ -100,19 +100,11 @@ def train(setting: Setting, lib: str, checkpointing: bool, quant: str, warmup: i
     result.update(rss_after_load=rss_bytes(), peak_rss_after_load=peak_rss_bytes(), base_bytes=tensor_bytes(model))
     if quant == "nf4":
         result.update(_quantize(model))
-    if lib in ("lorakit", "peft"):
-        model = add_lorakit(model, setting) if lib == "lorakit" else add_peft(model, setting)
-        if lib == "lorakit":
-            fuse_gated_mlps(model)  # lorakit.train does this too
-            group_attention_inputs(model)
-        if init:
-            from safetensors.torch import load_file
+    model = attach(model, setting, lib)
+    if init and lib in ("lorakit", "peft"):
+        from safetensors.torch import load_file
 
-            result["copied_tensors"] = copy_adapter(model, load_file(init))
-    else:
-        model.requires_grad_(False)
-        if lib == "base":
-            hf_model(model).enable_input_require_grads()  # type: ignore[operator]
+        result["copied_tensors"] = copy_adapter(model, load_file(init))
     if checkpointing:
         hf_model(model).activation_checkpointing_enable()  # type: ignore[operator]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -127,7 +119,7 @@ def train(setting: Setting, lib: str, checkpointing: bool, quant: str, warmup: i
     records = []
     for step in range(warmup + steps):
         ids = batch_ids(step, setting, shape["vocab"])
-        record = _step(model, ids, optimizer, lib, setting.device, check_grads=step == 0)
+        record = timed_step(model, ids, optimizer, lib, setting.device, check_grads=step == 0)
         record["warmup"] = step < warmup
         records.append(record)
     result.update(steps=records, peak_rss=peak_rss_bytes(), rss_end=rss_bytes(), shape=shape,
@@ -138,7 +130,21 @@ def train(setting: Setting, lib: str, checkpointing: bool, quant: str, warmup: i
     return result
 
 
-def _step(model: nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optimizer | None, lib: str,
+def attach(model: nn.Module, setting: Setting, lib: str) -> nn.Module:
+    """The model as configuration `lib` trains it: with lorakit's or PEFT's adapter, or frozen."""
+    if lib in ("lorakit", "peft"):
+        model = add_lorakit(model, setting) if lib == "lorakit" else add_peft(model, setting)
+        if lib == "lorakit":
+            fuse_gated_mlps(model)  # lorakit.train does this too
+            group_attention_inputs(model)
+        return model
+    model.requires_grad_(False)
+    if lib == "base":
+        hf_model(model).enable_input_require_grads()  # type: ignore[operator]
+    return model
+
+
+def timed_step(model: nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optimizer | None, lib: str,
           device: str, check_grads: bool) -> dict[str, Any]:
     """One timed step; the parts are timed separately (with a device sync between them on CUDA)."""
     import time
