@@ -82,7 +82,8 @@ def _limits(results: dict[str, Any]) -> str:
         f"{ours['median_seconds'] - base['median_seconds']:.2f} s (PEFT's {theirs['median_seconds'] - base['median_seconds']:.2f} s). "
         "The base itself is transformers' code, which lorakit runs as is: its matmuls "
         f"({base['flops']['total'] / 1e9:,.0f} GFLOP, {base['roofline_seconds']:.2f} s at this machine's measured rate) "
-        "and its attention, norms, rotary and activations.")
+        "and its attention, norms, rotary and activations. The section 'Where a training step's time goes' "
+        "below splits one step of each, op by op (torch.profiler).")
     budget = 1.15 * ours["roofline_seconds"] - base["median_seconds"]
     slow_rate = (" (below 1x: the matmul rate was measured at a slower moment of a shared machine than the base "
                  "ran in, so this run's roofline multiples are optimistic)" if base["roofline_multiple"] < 1 else "")

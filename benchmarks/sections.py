@@ -28,6 +28,8 @@ class Section:
 
 
 SECTIONS = {
+    "step_profile": Section("Where a training step's time goes (torch.profiler)", "benchmarks.step_profile",
+                            quick_args=("--batch", "1", "--seq", "64")),
     "per_row": Section("Per-row adapters (decode shape)", "benchmarks.per_row", quick_args=("--runs", "3", "--warmup", "1")),
     "serve_load": Section("Serving: a load run against lorakit serve", "benchmarks.serve_load",
                           quick_args=("--requests", "48", "--clients", "16")),
