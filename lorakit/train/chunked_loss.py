@@ -4,7 +4,8 @@ A transformers model computes logits for every position (batch x seq x vocab: 4 
 fp32 is 200 MB), keeps them for the cross-entropy, and its backward makes two more tensors that
 size. With a frozen output head only the gradient with respect to the hidden states is needed,
 so we compute it chunk by chunk during the forward pass itself: logits for a few rows, their
-softmax, (softmax - onehot) @ W, and drop the logits. Peak extra memory: one chunk.
+softmax, (softmax - onehot) @ W, and drop the logits. Peak extra memory: one chunk of logits
+(log-softmax and softmax are computed in their buffer).
 
 The maths is the plain formula: loss = sum over label tokens of -log softmax(h W^T + b)[label],
 divided by the number of label tokens (or `num_items`).
@@ -29,7 +30,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, chunk_rows: int) -> torch.Tensor:
         # hidden: (N, h), weight: (V, h), labels: (N,)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -41,7 +42,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             logits = F.linear(h, weight, bias)  # (n, V)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit up to fp32
             target = chunk_labels[keep]
-            log_probs = torch.log_softmax(logits, dim=-1)
+            # in place: the logits and their log-softmax never live side by side (50 MB a chunk of
+            # 256 rows at a 49k vocabulary; the head runs at the forward's peak, every saved tensor alive).
+            # Each row's max and sum are read before the row is written, so the values are the
+            # out-of-place op's, bit for bit (tested).
+            log_probs = torch.log_softmax(logits, dim=-1, out=logits)
             total += -log_probs.gather(1, target[:, None]).sum()
             if grad_hidden is not None:
                 probs = log_probs.exp_()  # reuse the buffer: softmax - onehot is dL/dlogits

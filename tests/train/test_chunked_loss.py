@@ -62,3 +62,27 @@ def test_trainable_head_falls_back_to_the_model():
     ids = tokens()
     assert torch.allclose(causal_lm_loss(model, {"input_ids": ids, "labels": ids}),
                           model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_softmax_in_its_own_buffer_is_the_out_of_place_one_bit_for_bit(dtype):
+    # the chunked head writes the log-softmax over the logits; the kernel reads each row before writing it
+    logits = torch.randn(37, 4099, dtype=dtype) * 20
+    expected = torch.log_softmax(logits, dim=-1)
+    assert torch.equal(torch.log_softmax(logits, dim=-1, out=logits), expected)
+
+
+def test_values_and_gradient_equal_the_plain_float64_formula():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(16, 50).double().requires_grad_(False)
+    labels = torch.randint(0, 50, (3, 7))
+    labels[1, 2:5] = -100
+    ours = chunked_causal_lm_loss(hidden, head, labels, chunk_rows=5)
+    logits = hidden[:, :-1] @ head.weight.T + head.bias
+    targets = labels[:, 1:]
+    keep = targets != -100
+    plain = -(logits - logits.logsumexp(-1, keepdim=True))[keep].gather(1, targets[keep][:, None]).mean()
+    torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
+    grad = torch.autograd.grad(ours, hidden)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(plain, hidden)[0], rtol=1e-12, atol=1e-12)
