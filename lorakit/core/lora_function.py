@@ -4,8 +4,8 @@
 
 Written with autograd ops, the dropout makes a full copy of x (x * m) that backward keeps for
 A's gradient, and the sum `base + update` makes another output-sized tensor. Here forward keeps
-x (which the model keeps alive anyway), the 1-byte mask and x A^T (N x r, small); backward
-rebuilds x * m for the one matmul that needs it. The update is added into the base output by
+x (which the model keeps alive anyway), the mask packed a bit per entry (bit_mask.py) and x A^T
+(N x r, small); backward unpacks the mask and rebuilds x * m for the one matmul that needs it. The update is added into the base output by
 `addmm_` (one pass, no extra tensor). Gradients are the plain formula's:
 
     dB = s' g^T (x m A^T)        dA = (s' g B)^T (x m)        dx = g W + m * ((s' g B) A)
@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.core.bit_mask import pack_bits, unpack_bits
+
 
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
@@ -39,13 +41,14 @@ class LoraLinearFunction(torch.autograd.Function):
         # x: (N, in); weight: (out, in); lora_a: (r, in); lora_b: (out, r); mask: (N, in) 0/1 uint8 or None.
         # `scale` includes dropout's 1 / (1 - p), so the mask itself stays 0/1.
         y, xa = lora_forward(x, weight, bias, lora_a, lora_b, scale, mask)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, mask)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, None if mask is None else packed_mask(mask))
         ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, lora_a, lora_b, xa, mask = ctx.saved_tensors
+        x, weight, lora_a, lora_b, xa, bits = ctx.saved_tensors
+        mask = None if bits is None else unpack_bits(bits, x.shape, x.dtype)
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
         grad_x, grad_a, grad_b = lora_backward(grad, x, weight, lora_a, lora_b, xa, mask, ctx.scale,
                                                need_x, need_a, need_b)
@@ -64,9 +67,10 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def lora_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, lora_a: torch.Tensor,
                   lora_b: torch.Tensor, xa: torch.Tensor, mask: torch.Tensor | None, scale: float, need_x: bool,
                   need_a: bool, need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dA, dB) from dy, each None when not needed; without `weight`, dx is the adapter's part only."""
-    if mask is not None and need_a and need_x:  # two masked products: a float mask multiplies several x faster
-        mask = mask.to(x.dtype)
+    """(dx, dA, dB) from dy, each None when not needed; without `weight`, dx is the adapter's part only.
+
+    `mask` is the keep mask in x's dtype (0/1), as `unpack_bits` gives it back.
+    """
     grad_b = torch.mm(grad.T, xa).mul_(scale) if need_b else None
     grad_xa = torch.mm(grad, lora_b).mul_(scale)  # (N, r)
     grad_a = torch.mm(grad_xa.T, _masked(x, mask)) if need_a else None
@@ -92,13 +96,14 @@ class LoraUpdateFunction(torch.autograd.Function):
                 scale: float, mask: torch.Tensor | None) -> torch.Tensor:
         # base_out: (N, out); x: (N, in); mask: (N, in) 0/1 uint8 or None; scale includes 1 / (1 - p)
         xa = _masked(x, mask) @ lora_a.T
-        ctx.save_for_backward(x, lora_a, lora_b, xa, mask)
+        ctx.save_for_backward(x, lora_a, lora_b, xa, None if mask is None else packed_mask(mask))
         ctx.scale = scale
         return torch.addmm(base_out, xa, lora_b.T, alpha=scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, lora_a, lora_b, xa, mask = ctx.saved_tensors
+        x, lora_a, lora_b, xa, bits = ctx.saved_tensors
+        mask = None if bits is None else unpack_bits(bits, x.shape, x.dtype)
         need_out, need_x, need_a, need_b = ctx.needs_input_grad[:4]
         grad_x, grad_a, grad_b = lora_backward(grad, x, None, lora_a, lora_b, xa, mask, ctx.scale,
                                                need_x, need_a, need_b)
@@ -178,12 +183,45 @@ def _flat_with_mask(x: torch.Tensor, dropout: float, share_mask: bool,
 
 def dropout_mask(x: torch.Tensor, p: float, reader: Hashable | None = None) -> torch.Tensor | None:
     """A 0/1 uint8 keep mask for x (1 with probability 1 - quantized_dropout(p)), shared by all readers
-    of x; None when that p is 0."""
+    of x; None when that p is 0.
+
+    x keeps the mask packed (a bit per entry): x often lives until backward (a layer keeps its
+    input), and a byte per entry would live with it. The reader that draws the mask gets it as
+    drawn; later readers get it unpacked.
+    """
     if not 0 <= p < 1:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
     if quantized_dropout(p) == 0:
         return None
-    return shared(x, ("mask", p), lambda: draw_keep_mask(x, p), reader)
+    drawn: list[torch.Tensor] = []
+
+    def draw() -> torch.Tensor:
+        drawn.append(draw_keep_mask(x, p))
+        return packed_mask(drawn[0])
+
+    bits = shared(x, ("mask", p), draw, reader)
+    if drawn:
+        return drawn[0]
+    mask = unpack_bits(bits, x.shape, torch.uint8)
+    shared(mask, _BITS, lambda: bits)  # already packed
+    return mask
+
+
+_BITS = "packed bits"
+
+
+def packed_mask(mask: torch.Tensor) -> torch.Tensor:
+    """`mask` packed a bit per entry (bit_mask.pack_bits), once per mask: what backward keeps.
+
+    A reshape of a mask (the same entries in the same order) shares the packed bits of the mask it
+    views, so the layers that reshape a shared mask do not pack it again.
+    """
+    owner = mask
+    base = mask._base
+    if (base is not None and base.is_contiguous() and mask.is_contiguous() and base.numel() == mask.numel()
+            and base.data_ptr() == mask.data_ptr()):
+        owner = base  # the same entries in the same order
+    return shared(owner, _BITS, lambda: pack_bits(mask))
 
 
 _MASK_BITS = 16  # an int64 draw over its full range holds four uniform 16-bit numbers

@@ -30,8 +30,18 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from lorakit.core.lora_function import autocast_dtype, cast_all, dropout_mask, quantized_dropout, shared
+from lorakit.core.bit_mask import unpack_bits
+from lorakit.core.lora_function import (
+    autocast_dtype,
+    cast_all,
+    dropout_mask,
+    packed_mask,
+    quantized_dropout,
+    shared,
+)
+from lorakit.core.rebuild import rebuild, rebuild_source
 
 
 class LoraLinear(Protocol):
@@ -55,20 +65,26 @@ FusedArguments = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Te
 
 class SharedASideFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor | None, *factors_a: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor | None, source: tuple[nn.Module, torch.Tensor] | None,
+                *factors_a: torch.Tensor) -> torch.Tensor:
         # x: (N, in); mask: (N, in) 0/1 uint8 or None; factors_a: A_i (r_i, in) -> xa: (N, sum r_i)
+        # source: (norm, its input) when x is a view of norm(input) (core/rebuild.py): that input is
+        # kept instead of x, and backward rebuilds x from it
         a_all = torch.cat(factors_a)  # (sum r_i, in), small
         xa = _masked(x, mask) @ a_all.T
-        ctx.save_for_backward(x, mask, a_all)
+        ctx.save_for_backward(x if source is None else source[1], None if mask is None else packed_mask(mask), a_all)
+        ctx.norm = None if source is None else source[0]
         ctx.ranks = [a.shape[0] for a in factors_a]
         return xa
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, mask, a_all = ctx.saved_tensors
-        need_x, _, *need_a = ctx.needs_input_grad
-        # a float mask multiplies several times faster than a uint8 one; converted once, used twice
-        mask = None if mask is None else mask.to(x.dtype)
+        x, bits, a_all = ctx.saved_tensors
+        if ctx.norm is not None:
+            x = rebuild(ctx.norm, x).reshape(-1, a_all.shape[1])
+        need_x, _, _, *need_a = ctx.needs_input_grad
+        # unpacked in x's dtype: a float mask multiplies several times faster than a uint8 one; used twice
+        mask = None if bits is None else unpack_bits(bits, x.shape, x.dtype)
         grad_a: Sequence[torch.Tensor | None] = [None] * len(need_a)
         if any(need_a):
             grad_a = torch.mm(grad.T, _masked(x, mask)).split(ctx.ranks)
@@ -76,7 +92,7 @@ class SharedASideFunction(torch.autograd.Function):
         if need_x:
             grad_x = torch.mm(grad, a_all)
             grad_x = grad_x if mask is None else grad_x.mul_(mask)
-        return grad_x, None, *(g if need else None for g, need in zip(grad_a, need_a, strict=True))
+        return grad_x, None, None, *(g if need else None for g, need in zip(grad_a, need_a, strict=True))
 
 
 class BaseAndBFunction(torch.autograd.Function):
@@ -121,7 +137,8 @@ def lora_linears_one_input(x: torch.Tensor, members: Sequence[FusedArguments], d
         flat = flat.to(dtype)
         members = [(*cast_all(dtype, weight, bias, a, b), s) for weight, bias, a, b, s in members]
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        xa = SharedASideFunction.apply(flat, mask, *(a for _, _, a, _, _ in members))  # (N, sum r_i)
+        source = rebuild_source(x) if dtype is None else None  # under autocast flat is a cast copy
+        xa = SharedASideFunction.apply(flat, mask, source, *(a for _, _, a, _, _ in members))  # (N, sum r_i)
         shares = xa.split([a.shape[0] for _, _, a, _, _ in members], dim=1)
         outputs = []
         for share, (weight, bias, _, b, scale) in zip(shares, members, strict=True):

@@ -10,7 +10,7 @@ intermediate channel per token less (180 MiB per step for SmolLM2-135M at 4 x 25
 lorakit.hf.fused_mlp runs transformers' gated MLPs through these functions.
 When down_proj is a LoRA layer on lorakit's fused path, SwiGLULoraFunction goes one step further:
 it runs down's LoRA linear on h = silu(gate) * up and recomputes h in backward, so down's input
-is not kept either (another 180 MiB there).
+is not kept either (another 180 MiB there), and its keep mask is kept a bit per entry (bit_mask.py).
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lorakit.core.bit_mask import unpack_bits
 from lorakit.core.lora_function import (
     autocast_dtype,
     cast_all,
     draw_keep_mask,
     lora_backward,
     lora_forward,
+    packed_mask,
     quantized_dropout,
 )
 
@@ -54,13 +56,14 @@ class SwiGLULoraFunction(torch.autograd.Function):
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
         # gate, up: (N, i); weight: (out, i); mask: (N, i) 0/1 uint8 or None; scale includes 1 / (1 - p)
         y, xa = lora_forward(F.silu(gate).mul_(up), weight, bias, lora_a, lora_b, scale, mask)
-        ctx.save_for_backward(gate, up, weight, lora_a, lora_b, xa, mask)
+        ctx.save_for_backward(gate, up, weight, lora_a, lora_b, xa, None if mask is None else packed_mask(mask))
         ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        gate, up, weight, lora_a, lora_b, xa, mask = ctx.saved_tensors
+        gate, up, weight, lora_a, lora_b, xa, bits = ctx.saved_tensors
+        mask = None if bits is None else unpack_bits(bits, gate.shape, gate.dtype)
         need_gate, need_up, _, _, need_a, need_b = ctx.needs_input_grad[:6]
         silu = F.silu(gate)
         grad_h, grad_a, grad_b = lora_backward(grad, silu * up, weight, lora_a, lora_b, xa, mask, ctx.scale,

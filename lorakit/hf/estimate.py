@@ -22,6 +22,7 @@ from lorakit.core.adapters import active_adapters, adapter_configs, format_train
 from lorakit.core.config import ALL_LINEAR, LoraConfig, parse_targets
 from lorakit.core.inject import add_adapter
 from lorakit.core.layers import AUTOGRAD, LoraEmbedding, LoraLinear, base_kind
+from lorakit.core.rebuild import rebuilds_outputs
 from lorakit.hf.estimate_distributed import Units, check_distributed, describe, per_device, units
 from lorakit.hf.fused_mlp import FusedGatedMLP
 from lorakit.hf.model_config import DEFAULT_MODEL, meta_model, resolve_model_config, shipped_models
@@ -207,6 +208,8 @@ def estimate_for_model(model: nn.Module, batch_size: int, seq_len: int, gradient
                       for p in m.parameters(recurse=False))
     if autocast is None:
         autocast = any(p.is_cuda for p in model.parameters())
+    if not autocast:  # under autocast the A sides read a cast copy, which they keep
+        shape = replace(shape, rebuilt_norm_outputs=_rebuilt_norm_outputs(model))
     activations = _activation_bytes(shape, batch_size * seq_len, compute.itemsize,
                                     _adapter_bytes_per_token(model, compute, autocast), gradient_checkpointing,
                                     norms_train)
@@ -270,6 +273,7 @@ class _Shape:
     fused_gate: bool  # silu(gate) * up runs as lorakit's SwiGLUFunction (keeps gate and up only)
     rms_norm: bool  # transformers' RMSNorm, which applies its weight as a separate multiply
     vocab: int  # logits per token; 0 without a language-model head
+    rebuilt_norm_outputs: int = 0  # of q/k/v's and gate/up's inputs (norm outputs), how many backward rebuilds
 
     def layer_values(self, norms_train: bool) -> int:
         """Values one decoder layer keeps per token for backward."""
@@ -283,8 +287,11 @@ class _Shape:
         # by down's fused LoRA function (or kept by nobody when down carries no adapter).
         per_channel = 2 if self.fused_gate else self.act_values + (3 if self.gated else 1)
         mlp = 2 * self.hidden + per_channel * self.intermediate
+        # Grouped q/k/v and gate/up A sides keep their norm's input instead of its output
+        # (lorakit.hf.rebuilt_norms): one hidden-wide value less per rebuilt norm output.
+        rebuilt = self.rebuilt_norm_outputs * self.hidden
         # An RMSNorm whose weight trains (full fine-tuning) also keeps its output before the weight.
-        return attention + mlp + (2 * self.hidden if norms_train and self.rms_norm else 0)
+        return attention + mlp - rebuilt + (2 * self.hidden if norms_train and self.rms_norm else 0)
 
 
 def _activation_bytes(shape: _Shape, tokens: int, size: int, adapters: int, checkpointing: bool,
@@ -328,8 +335,8 @@ def _adapter_bytes_per_token(model: nn.Module, compute: torch.dtype, autocast: b
             continue
         parent, _, leaf = path.rpartition(".")
         # the fused and update paths keep x (which the base keeps anyway) and, with dropout, a
-        # one-byte mask per value; the autograd path keeps A's input as a new tensor when it is
-        # cast (fp32 adapters on a 16-bit base) or dropped out (plus the mask)
+        # mask packed a bit per value; the autograd path keeps A's input as a new tensor when it
+        # is cast (fp32 adapters on a 16-bit base) or dropped out (plus torch's one-byte mask)
         plain = module.path_for(compute, autocast) == AUTOGRAD
         for name in module.live_adapters():
             weight = module.factors(name)[0]
@@ -338,7 +345,7 @@ def _adapter_bytes_per_token(model: nn.Module, compute: torch.dtype, autocast: b
             dropout = isinstance(module.lora_dropout[name], nn.Dropout)
             cast = weight.dtype != compute and not autocast
             copy = module.in_features * size if plain and (dropout or cast) else 0
-            mask = module.in_features if dropout else 0
+            mask = (module.in_features if plain else (module.in_features + 7) // 8) if dropout else 0
             # shared by every adapter reading the same x, unless each draws its own mask
             shared = module.shares_dropout_mask[name] or not dropout
             reader = f"{parent}.<input>" if leaf in _SIBLING_READERS else path
@@ -368,6 +375,18 @@ def _shape(model: nn.Module) -> _Shape:
         rms_norm=any(type(m).__name__.endswith("RMSNorm") for m in model.modules()),
         vocab=int(config.vocab_size) if callable(get_head) and get_head() is not None else 0,
     )
+
+
+def _rebuilt_norm_outputs(model: nn.Module) -> int:
+    """Of a layer's norm outputs that q/k/v and gate/up read, how many backward rebuilds instead of
+    keeping: with the norms marked (lorakit.hf.rebuilt_norms), one for grouped q/k/v
+    (group_attention_inputs), one for a fused MLP whose gate and up carry adapters."""
+    if not any(rebuilds_outputs(m) for m in model.modules()):
+        return 0
+    attention = any(isinstance(m, LoraLinear) and m.input_group is not None for m in model.modules())
+    mlp = any(isinstance(m, FusedGatedMLP) and isinstance(m.gate_proj, LoraLinear) and isinstance(m.up_proj, LoraLinear)
+              for m in model.modules())
+    return int(attention) + int(mlp)
 
 
 def _config_int(config: Any, *names: str, default: int | None = None) -> int:

@@ -19,6 +19,7 @@ from lorakit.core.lora_function import quantized_dropout
 from lorakit.core.shared_input import FusedArguments, lora_linears_one_input
 from lorakit.core.swiglu import swiglu, swiglu_lora
 from lorakit.core.walk import replace_module
+from lorakit.hf.rebuilt_norms import rebuild_sibling_norms
 
 _PARTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -83,7 +84,8 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     """Run every Llama-style SiLU-gated MLP in `model` as a FusedGatedMLP; returns how many.
 
     Values and gradients are unchanged (the same formula); only what backward keeps shrinks.
-    Fusing twice fuses nothing more.
+    The norms beside each MLP (its input norm) get their outputs rebuilt in backward instead of
+    kept, when gate and up run as one group (lorakit.hf.rebuilt_norms). Fusing twice fuses nothing more.
 
     Raises:
         ValueError: an MLP carries hooks of its own (they would be lost with the module it replaces);
@@ -100,6 +102,7 @@ def fuse_gated_mlps(model: nn.Module) -> int:
                          "which cannot be replaced in place: use FusedGatedMLP(model) instead")
     for path, mlp in found:
         replace_module(model, path, FusedGatedMLP(mlp))
+        rebuild_sibling_norms(model, path)  # the MLP's input norm: gate/up's A side rebuilds its output
     return len(found)
 
 

@@ -49,7 +49,7 @@ def test_gradcheck_with_a_fixed_mask():
     mask = (torch.rand(6, 12) > 0.4).to(torch.uint8)
 
     def two(x, a1, a2, f1, f2):
-        xa = SharedASideFunction.apply(x, mask, a1, a2)
+        xa = SharedASideFunction.apply(x, mask, None, a1, a2)
         s1, s2 = xa.split([a1.shape[0], a2.shape[0]], dim=1)
         return BaseAndBFunction.apply(x, w1, b1, s1, f1, 0.7), BaseAndBFunction.apply(x, w2, None, s2, f2, 1.3)
 

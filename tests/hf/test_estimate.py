@@ -26,6 +26,7 @@ from lorakit.hf.estimate import (
     resolve_model_config,
     shipped_models,
 )
+from lorakit.hf.fused_attention import group_attention_inputs
 from lorakit.hf.model_config import MODEL_CONFIGS
 from lorakit.quant import quantize_model
 from tests.models import tiny_llama
@@ -321,7 +322,8 @@ def _saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> int:
     return sum(kept.values())
 
 
-@pytest.mark.parametrize("setup", ["full", "lora", "lora+dropout", "lora+dropout+fused mlp"])
+@pytest.mark.parametrize("setup", ["full", "lora", "lora+dropout", "lora+dropout+fused mlp",
+                                   "lora+dropout+fused mlp+grouped attention"])
 def test_activation_estimate_is_close_to_what_autograd_keeps(setup: str):
     model = tiny_llama(vocab=1000, hidden=192, layers=3)
     if setup == "full":
@@ -330,6 +332,8 @@ def test_activation_estimate_is_close_to_what_autograd_keeps(setup: str):
         add_adapter(model, LoraConfig(r=8, targets="all-linear", dropout=0.1 if "dropout" in setup else 0.0))
     if "fused" in setup:
         assert fuse_gated_mlps(model) == 3
+    if "grouped" in setup:  # as lorakit train runs it: both norm outputs of each layer rebuilt, not kept
+        assert group_attention_inputs(model) == 3
     ids = torch.randint(0, 1000, (2, 128), generator=torch.Generator().manual_seed(0))
     est = estimate_for_model(model, batch_size=2, seq_len=128)
     ratio = est.memory[est.method].activations / _saved_activation_bytes(model, ids)
