@@ -9,8 +9,9 @@ of converting a byte mask to floats, which backward did anyway).
     pack:   8 entries b_0..b_7 (bytes, each 0 or 1) read as one little-endian int64 w = sum_j b_j 2^(8j).
             w * 0x0102040810204080 = sum_j sum_k b_j 2^(8j + 7k + 7): for j + k = 7 the term lands on
             bit 56 + j; no two terms share a bit, so nothing carries, and bits 56..63 are b_0..b_7.
-            The top byte is the packed byte (bit j = entry j); the product wraps past 2^64 (int64 ops
-            wrap), which only drops terms above bit 63.
+            The top byte is the packed byte (bit j = entry j). The product passes 2^63: it relies on
+            torch's int64 multiply wrapping (two's complement, as its CPU and CUDA kernels do; the
+            tests check the all-ones byte), which only drops terms above bit 63.
     unpack: a 256-row table, row v = the 8 entries of byte v (bit j of v), indexed by the packed bytes.
 """
 

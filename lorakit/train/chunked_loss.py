@@ -5,7 +5,7 @@ fp32 is 200 MB), keeps them for the cross-entropy, and its backward makes two mo
 size. With a frozen output head only the gradient with respect to the hidden states is needed,
 so we compute it chunk by chunk during the forward pass itself: logits for a few rows, their
 softmax, (softmax - onehot) @ W, and drop the logits. Peak extra memory: one chunk of logits
-(log-softmax and softmax are computed in their buffer).
+(on a CPU, log-softmax and softmax are computed in their buffer).
 
 The maths is the plain formula: loss = sum over label tokens of -log softmax(h W^T + b)[label],
 divided by the number of label tokens (or `num_items`).
@@ -42,11 +42,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             logits = F.linear(h, weight, bias)  # (n, V)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit up to fp32
             target = chunk_labels[keep]
-            # in place: the logits and their log-softmax never live side by side (50 MB a chunk of
-            # 256 rows at a 49k vocabulary; the head runs at the forward's peak, every saved tensor alive).
-            # Each row's max and sum are read before the row is written, so the values are the
-            # out-of-place op's, bit for bit (tested).
-            log_probs = torch.log_softmax(logits, dim=-1, out=logits)
+            # On a CPU in place: the logits and their log-softmax never live side by side (50 MB a
+            # chunk of 256 rows at a 49k vocabulary; the head runs at the forward's peak, every saved
+            # tensor alive). The CPU kernel reads each row's max and sum before writing the row, so
+            # the values are the out-of-place op's, bit for bit (tested); other devices' kernels are
+            # not tested here, so they run out of place.
+            in_place = logits.device.type == "cpu"
+            log_probs = torch.log_softmax(logits, dim=-1, out=logits if in_place else None)
             total += -log_probs.gather(1, target[:, None]).sum()
             if grad_hidden is not None:
                 probs = log_probs.exp_()  # reuse the buffer: softmax - onehot is dL/dlogits
