@@ -14,8 +14,9 @@ same kernels, autocast off as it was (the functions that rebuild run only outsid
 Only a module whose output depends on its input and its own parameters alone qualifies (a norm:
 no dropout, no state), and only while no other hook runs around it (a hook could change the
 output or the input). The module's parameters must not change between forward and backward, as
-with any parameter an autograd graph reads. The input is saved with save_for_backward, so an
-in-place change to it is caught there, and checkpointing or offloading hooks see it.
+with any parameter an autograd graph reads. An output or input changed in place after the module
+ran is not rebuilt (their version counters tell); the input is saved with save_for_backward, so a
+later in-place change is caught there, and checkpointing or offloading hooks see it.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _mark(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], outp
         return
     if len(module._forward_hooks) != 1 or module._forward_pre_hooks or _global_forward_hooks():
         return  # another hook may have changed the input or the output: nothing to rebuild from
-    output.__dict__[_SOURCE] = (module, args[0])
+    output.__dict__[_SOURCE] = (module, args[0], args[0]._version, output._version)
 
 
 def _global_forward_hooks() -> bool:
@@ -59,11 +60,17 @@ def _global_forward_hooks() -> bool:
 
 
 def rebuild_source(y: torch.Tensor) -> tuple[nn.Module, torch.Tensor] | None:
-    """(module, x) with y == module(x) bit for bit, when y is a marked module's output; else None."""
+    """(module, x) with y == module(x) bit for bit, when y is a marked module's output; else None.
+
+    None too when y or x changed in place since the module ran (their version counters moved).
+    """
     if torch.compiler.is_compiling():
         return None
-    source: tuple[nn.Module, torch.Tensor] | None = y.__dict__.get(_SOURCE)
-    return source
+    source = y.__dict__.get(_SOURCE)
+    if source is None:
+        return None
+    module, x, x_version, y_version = source
+    return (module, x) if (x._version, y._version) == (x_version, y_version) else None
 
 
 def rebuild(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

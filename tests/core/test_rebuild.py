@@ -66,6 +66,19 @@ class OffsetRMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
 
 
+def test_an_output_or_input_changed_in_place_is_not_rebuilt():
+    norm = nn.LayerNorm(12)
+    rebuild_outputs(norm)
+    x = torch.randn(3, 12)
+    y = norm(x)
+    with torch.no_grad():
+        y.mul_(2)  # the model changed the output after the norm: the norm would not give it back
+    assert rebuild_source(y) is None
+    y = norm(x)
+    x.add_(1)  # the input changed: the norm would give something else back
+    assert rebuild_source(y) is None
+
+
 def members():
     out = []
     for width, r, s in ((7, 4, 1.5), (3, 2, 0.5)):
