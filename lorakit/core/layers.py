@@ -226,7 +226,7 @@ class LoraLinear(LoraLayer):
             return None
         base = cast(nn.Linear, self.base)
         weight, bias = base.weight, base.bias
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        a, b = cast(nn.Linear, self.lora_A[name]).weight, cast(nn.Linear, self.lora_B[name]).weight
         if not (x.dtype == weight.dtype == a.dtype == b.dtype) or torch.is_autocast_enabled(x.device.type):
             return None
         flat = x.reshape(-1, x.shape[-1])
