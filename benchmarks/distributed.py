@@ -70,6 +70,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from lorakit import LoraConfig, add_adapter, fuse_gated_mlps
+    from lorakit.hf.checkpointing import enable_checkpointing
     from lorakit.train.distributed import World
     from lorakit.train.parallel import base_bytes, wrap
 
@@ -98,7 +99,7 @@ def worker(args: argparse.Namespace) -> None:
     add_adapter(model, LoraConfig(r=16, alpha=32, dropout=0.0, targets=list(TARGETS)))
     fuse_gated_mlps(model)
     if args.gc:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     gc.collect()
     rss_loaded = rss_bytes()
     wrapped = wrap(model, world)

@@ -32,6 +32,7 @@ from lorakit.data import (
     steps_per_epoch,
 )
 from lorakit.data.jsonl import FormatChoice
+from lorakit.hf.checkpointing import enable_checkpointing
 from lorakit.hf.fused_attention import group_attention_inputs
 from lorakit.hf.fused_mlp import fuse_gated_mlps
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -131,7 +132,7 @@ def _run(config: TrainConfig, world: World, output_dir: Path, resume_from: Path 
     fuse_gated_mlps(model)  # same values, less kept for backward
     group_attention_inputs(model)  # q/k/v's A sides as one GEMM, same values
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # type: ignore[operator]
+        enable_checkpointing(model)
     if world.is_main:
         _announce(model, config, train_set)
     wrapped = wrap(model, world)  # the loss module, under DDP or FSDP2 when distributed

@@ -5,6 +5,7 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig, add_adapter, fuse_gated_mlps
+from lorakit.hf.checkpointing import enable_checkpointing
 from tests.models import loss_and_grads, randomize_adapters, tiny_gpt2, tiny_llama, tokens
 
 
@@ -21,10 +22,10 @@ def test_generate_runs_and_follows_the_adapter():
 
 
 def test_gradient_checkpointing_trains_adapters():
-    for kwargs in ({}, {"gradient_checkpointing_kwargs": {"use_reentrant": True}}):
+    for reentrant in (None, True):
         model = tiny_llama()
         add_adapter(model, LoraConfig(r=4))
-        model.gradient_checkpointing_enable(**kwargs)
+        enable_checkpointing(model, use_reentrant=reentrant)
         model.train()
         ids = tokens()
         loss = model(input_ids=ids, labels=ids).loss
@@ -42,7 +43,7 @@ def test_checkpointing_recomputes_the_same_dropout_masks():
         randomize_adapters(model)
         fuse_gated_mlps(model)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_checkpointing(model)
         model.train()
         torch.manual_seed(5)
         results.append(loss_and_grads(model, tokens()))
