@@ -5,8 +5,9 @@
 Written with autograd ops, the dropout makes a full copy of x (x * m) that backward keeps for
 A's gradient, and the sum `base + update` makes another output-sized tensor. Here forward keeps
 x (which the model keeps alive anyway), the mask packed a bit per entry (bit_mask.py) and x A^T
-(N x r, small); backward unpacks the mask and rebuilds x * m for the one matmul that needs it. The update is added into the base output by
-`addmm_` (one pass, no extra tensor). Gradients are the plain formula's:
+(N x r, small); backward unpacks the mask and rebuilds x * m for the one matmul that needs it.
+The update is added into the base output by `addmm_` (one pass, no extra tensor). Gradients are
+the plain formula's:
 
     dB = s' g^T (x m A^T)        dA = (s' g B)^T (x m)        dx = g W + m * ((s' g B) A)
 
