@@ -23,12 +23,11 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine
+from benchmarks.common import machine, parse_with_threads
 from lorakit.core.lora_function import LoraLinearFunction, draw_keep_mask, quantized_dropout
 from lorakit.core.shared_input import lora_linears_one_input
 
@@ -77,11 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser)
     info = machine()
     measured = parts(args.tokens)
     for run in measured.values():  # warm-up

@@ -225,6 +225,21 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def parse_with_threads(parser: Any) -> Any:
+    """Add `--threads` and `--json` to a benchmark's parser, parse, and apply `--threads`.
+
+    `--threads N` sets torch's thread count (1 is steadier on a shared machine); `--json FILE`
+    asks the benchmark to write its figures there too.
+    """
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice); 1 is steadier on a shared machine")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 # ---- child processes -----------------------------------------------------------------------------
 
 def emit(result: dict[str, Any]) -> None:

@@ -31,12 +31,11 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.common import cpu_model
+from benchmarks.common import cpu_model, parse_with_threads
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # A row computed alone and inside a batch of 16 go through differently blocked matmuls; over 30
@@ -55,12 +54,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice); 1 is steadier on a shared machine")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser)
     warnings.filterwarnings("ignore")
 
     import peft

@@ -24,7 +24,6 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,6 +36,7 @@ from benchmarks.common import (
     build_model,
     copy_adapter,
     cpu_model,
+    parse_with_threads,
     touch,
 )
 
@@ -50,11 +50,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser)
     warnings.filterwarnings("ignore")
     load = os.getloadavg()[0]
     setting = Setting(batch=args.batch, seq=args.seq)

@@ -31,12 +31,11 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import cpu_model
+from benchmarks.common import cpu_model, parse_with_threads
 from benchmarks.per_row import write_random_adapters
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "SELECT name FROM"]
@@ -51,11 +50,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser)
     warnings.filterwarnings("ignore")
 
     from benchmarks.per_row import _base_model
