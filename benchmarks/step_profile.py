@@ -157,8 +157,12 @@ def main() -> None:
     if args.child:
         emit(profile_step(args.child, setting, args.warmup))
         return
+    libs = args.libs.split(",")
+    unknown = [lib for lib in libs if lib not in ("lorakit", "peft", "base")]
+    if unknown:
+        parser.error(f"--libs: unknown {', '.join(unknown)}; choose from lorakit, peft, base")
     results = [run_child("benchmarks.step_profile", ["--child", lib, "--warmup", str(args.warmup), *setting.to_args()])
-               for lib in args.libs.split(",")]
+               for lib in libs]
     print(f"Setting: {setting.to_dict()}; {results[0]['threads']} threads; one profiled step after "
           f"{args.warmup} warm-up step(s), each configuration in its own process.\n")
     print(render(results))
