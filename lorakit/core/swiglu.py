@@ -26,7 +26,6 @@ from lorakit.core.lora_function import (
     cast_all,
     draw_keep_mask,
     lora_backward,
-    lora_forward,
     packed_mask,
     quantized_dropout,
 )
@@ -55,7 +54,10 @@ class SwiGLULoraFunction(torch.autograd.Function):
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
         # gate, up: (N, i); weight: (out, i); mask: (N, i) 0/1 uint8 or None; scale includes 1 / (1 - p)
-        y, xa = lora_forward(F.silu(gate).mul_(up), weight, bias, lora_a, lora_b, scale, mask)
+        h = F.silu(gate).mul_(up)
+        y = F.linear(h, weight, bias)
+        xa = (h if mask is None else h.mul_(mask)) @ lora_a.T  # h is not needed again: mask it in place
+        y.addmm_(xa, lora_b.T, alpha=scale)
         ctx.save_for_backward(gate, up, weight, lora_a, lora_b, xa, None if mask is None else packed_mask(mask))
         ctx.scale = scale
         return y
@@ -66,11 +68,13 @@ class SwiGLULoraFunction(torch.autograd.Function):
         mask = None if bits is None else unpack_bits(bits, gate.shape, gate.dtype)
         need_gate, need_up, _, _, need_a, need_b = ctx.needs_input_grad[:6]
         silu = F.silu(gate)
-        grad_h, grad_a, grad_b = lora_backward(grad, silu * up, weight, lora_a, lora_b, xa, mask, ctx.scale,
-                                               need_gate or need_up, need_a, need_b)
+        masked_h = silu * up if mask is None else (silu * up).mul_(mask)  # h m, what dA reads
+        grad_h, grad_a, grad_b = lora_backward(grad, masked_h, weight, lora_a, lora_b, xa, mask, ctx.scale,
+                                               need_gate or need_up, need_a, need_b, x_is_masked=True)
+        del masked_h
         grad_gate = grad_up = None
         if grad_h is not None:
-            grad_up = grad_h * silu if need_up else None
+            grad_up = silu.mul_(grad_h) if need_up else None  # silu is not needed after this
             grad_gate = torch.ops.aten.silu_backward(grad_h.mul_(up), gate) if need_gate else None
         return grad_gate, grad_up, None, None, grad_a, grad_b, None, None
 

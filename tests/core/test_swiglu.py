@@ -84,6 +84,31 @@ def test_swiglu_with_lora_down_equals_the_plain_formula(with_mask):
                                     (gate, up, a, b))
 
 
+@pytest.mark.parametrize("trainable", ["gate", "up", "a", "b", "gate up"])
+def test_swiglu_with_lora_down_gives_each_gradient_alone(trainable):
+    """Backward reuses its buffers in place (silu for d up, h for h m): each gradient is still
+    right when it is the only one asked for, and the inputs, the mask included, are left as given."""
+    torch.manual_seed(1)
+    names = trainable.split()
+    tensors = {"gate": torch.randn(6, 10, dtype=torch.float64), "up": torch.randn(6, 10, dtype=torch.float64),
+               "a": torch.randn(3, 10, dtype=torch.float64), "b": torch.randn(4, 3, dtype=torch.float64)}
+    for name in names:
+        tensors[name].requires_grad_(True)
+    weight = torch.randn(4, 10, dtype=torch.float64)
+    mask = (torch.rand(6, 10) > 0.3).to(torch.uint8)
+    before = {name: t.detach().clone() for name, t in tensors.items()} | {"mask": mask.clone()}
+    gate, up, a, b = (tensors[n] for n in ("gate", "up", "a", "b"))
+    ours = SwiGLULoraFunction.apply(gate, up, weight, None, a, b, 0.7, mask)
+    theirs = (torch.nn.functional.silu(gate) * up) @ weight.T + 0.7 * (
+        (torch.nn.functional.silu(gate) * up * mask) @ a.T) @ b.T
+    grad = torch.randn_like(ours)
+    wanted = [tensors[n] for n in names]
+    for g, w in zip(torch.autograd.grad(ours, wanted, grad), torch.autograd.grad(theirs, wanted, grad), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    for name, value in before.items():
+        assert torch.equal((tensors | {"mask": mask})[name], value), name
+
+
 def test_with_lora_on_down_the_mlp_keeps_gate_and_up_but_not_downs_input():
     model = tiny_llama()
     add_adapter(model, LoraConfig(r=4, dropout=0.2))
