@@ -12,7 +12,7 @@ Which adapters run is the list `active_adapters`; which are folded into the base
 Nothing here changes state behind the caller's back. A new kind is one new subclass: `add`,
 `factors`, `_drop` and `forward`. A variant of an adapter (DoRA) is not a kind: it is a property of
 the adapter on the same layer, with its extra tensors in `adapter_parameters` and `peft_state`.
-The kinds, LoraLinear and LoraEmbedding, are in layers.py; docs/layers.md is the tour.
+The kinds are LoraLinear (layers.py) and LoraEmbedding (embedding_layer.py); docs/layers.md is the tour.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""The LoRA layer kinds: LoraLinear (Linear, Conv1D, 4-bit linear) and LoraEmbedding.
+"""The LoRA layer kinds: LoraLinear (Linear, Conv1D, 4-bit linear) here, LoraEmbedding re-exported.
 
 Both implement the contract in contract.py (adapters by name, active/merged/disabled state,
-factors, delta weight, merge/unmerge); here is only what differs: how the factors are stored
-and how forward computes h = W0 x + s * B A dropout(x). State-dict keys read
-`<path>.lora_A.<name>.weight` (embeddings: `<path>.lora_embedding_A.<name>`) as in PEFT.
+factors, delta weight, merge/unmerge); each kind's file holds only what differs: how the factors
+are stored and how forward computes h = W0 x + s * B A dropout(x). State-dict keys read
+`<path>.lora_A.<name>.weight` (embeddings, in embedding_layer.py: `<path>.lora_embedding_A.<name>`)
+as in PEFT. `layer_class` and `wrap` pick the kind for a module; model-level code imports the
+kinds from here.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from collections.abc import Sequence
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.config import is_svd_init
@@ -26,6 +27,7 @@ from lorakit.core.contract import (
     init_factors,
 )
 from lorakit.core.dora import Magnitude, dora_delta, dora_output, row_norm, unmerged_weight
+from lorakit.core.embedding_layer import LoraEmbedding
 from lorakit.core.init_methods import factors_from_weight, relative_error
 from lorakit.core.lora_function import (
     adapter_input,
@@ -251,7 +253,7 @@ class LoraLinear(LoraLayer):
     def path_for(self, dtype: torch.dtype, autocast: bool) -> str:
         """Which computation forward runs for an input of `dtype`: the one place that decides.
 
-        The estimator (hf/estimate.py) asks this too, to know what each layer keeps for backward.
+        The estimator (hf/estimate_activations.py) asks this too, to know what each layer keeps for backward.
 
         - "fused": `LoraLinearFunction`, the base matmul and the one live adapter as one autograd
           function that keeps x (which the model keeps anyway), x A^T and a 1-byte dropout mask.
@@ -344,73 +346,6 @@ class LoraLinear(LoraLayer):
         """(B A dropout(x), s) for rows that run adapter `name` (adapters_per_row)."""
         x_in = self.lora_dropout[name](x.to(self.a(name).weight.dtype))
         return self.b(name)(self.a(name)(x_in)), self.scaling[name]
-
-
-class LoraEmbedding(LoraLayer):
-    """h = W0[ids] + sum over live adapters of s * (A^T[ids]) B^T.   ids: (...) -> h: (..., dim)
-
-    As in PEFT, A (r x num_embeddings) starts at zero and B (dim x r) random, and no dropout
-    applies to token ids. On its own: `LoraEmbedding(nn.Embedding(100, 16), r=4)`.
-    """
-
-    weight_in_by_out = True  # the weight is (num_embeddings x dim): in x out
-    peft_keys = ("lora_embedding_A", "lora_embedding_B")
-
-    def __init__(self, base: nn.Embedding, path: str = "", r: int | None = None, alpha: float | None = None,
-                 name: str = "default") -> None:
-        if not isinstance(base, nn.Embedding):
-            raise TypeError(f"LoraEmbedding cannot wrap {type(base).__name__} at {path!r}; it wraps nn.Embedding")
-        super().__init__(base, path)
-        self.fan_in_fan_out = False  # PEFT's flag is for linear layers only
-        self.lora_embedding_A = nn.ParameterDict()  # name -> A: (r, num_embeddings)
-        self.lora_embedding_B = nn.ParameterDict()  # name -> B: (dim, r)
-        if r is not None:
-            self.start(name, r, alpha, 0.0)
-
-    def add(self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming",
-            share_dropout_mask: bool = True, use_dora: bool = False) -> None:
-        assert not use_dora, "add_adapter refuses DoRA on embeddings before any layer changes"
-        device, dtype = base_device(self.base), adapter_dtype(self.base)
-        a = torch.zeros(r, self.in_features, device=device, dtype=dtype)
-        b = torch.zeros(self.out_features, r, device=device, dtype=dtype)
-        if init != "zeros":
-            nn.init.normal_(b)
-        if init == "random":
-            nn.init.normal_(a)
-        self.lora_embedding_A[name] = nn.Parameter(a)
-        self.lora_embedding_B[name] = nn.Parameter(b)
-        self.scaling[name] = scale
-
-    @property
-    def lora_A(self) -> nn.ParameterDict:
-        """Same name as on LoraLinear, for code that tests `name in layer.lora_A`."""
-        return self.lora_embedding_A
-
-    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_embedding_A[name], self.lora_embedding_B[name]
-
-    def _drop(self, name: str) -> None:
-        del self.lora_embedding_A[name]
-        del self.lora_embedding_B[name]
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """h = W0[ids] + sum over live adapters of s * (A^T[ids]) B^T.   ids: (...) -> h: (..., dim)"""
-        h = self.base(ids)
-        if self.disabled:
-            return h
-        if self.row_adapters is not None:
-            return self.forward_rows(ids, h)
-        for name in self.live_adapters():
-            h = h + self.update(name, ids)[0].to(h.dtype)
-        return h
-
-    def update(self, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(s * (A^T[ids]) B^T, 1): (...) -> (..., dim) in the base's dtype, already scaled."""
-        a, b = self.factors(name)
-        base = cast(nn.Embedding, self.base)
-        rows = F.embedding(ids, a.T, padding_idx=base.padding_idx, max_norm=base.max_norm,
-                           norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
-        return ((rows @ b.T) * self.scaling[name]).to(base.weight.dtype), 1.0
 
 
 def requantized(base: nn.Module, weight: torch.Tensor) -> nn.Module:

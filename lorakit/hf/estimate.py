@@ -4,7 +4,8 @@
 builds in under a second), adds the LoRA adapter with lorakit's own `add_adapter` so the
 trainable count is exact, and prices full fine-tuning, LoRA and QLoRA side by side.
 `estimate_for_model` prices a model that is already built, from its real parameters.
-The formulas and conventions are written out in docs/estimate.md.
+What the forward pass keeps for backward is estimate_activations.py's; the split across ranks,
+estimate_distributed.py's. The formulas and conventions are written out in docs/estimate.md.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,17 +22,18 @@ from torch import nn
 from lorakit.core.adapters import active_adapters, adapter_configs, format_trainable, trainable_parameters
 from lorakit.core.config import ALL_LINEAR, LoraConfig, parse_targets
 from lorakit.core.inject import add_adapter
-from lorakit.core.layers import AUTOGRAD, LoraEmbedding, LoraLinear, base_kind
-from lorakit.core.rebuild import rebuilds_outputs
+from lorakit.core.layers import base_kind
+from lorakit.hf.estimate_activations import (
+    Shape,
+    activation_bytes,
+    adapter_bytes_per_token,
+    model_shape,
+    rebuilt_norm_outputs,
+)
 from lorakit.hf.estimate_distributed import Units, check_distributed, describe, per_device, units
-from lorakit.hf.fused_mlp import FusedGatedMLP
 from lorakit.hf.model_config import DEFAULT_MODEL, meta_model, resolve_model_config, shipped_models
 from lorakit.quant.quantize_model import quantizable_linears
 
-if TYPE_CHECKING:
-    pass
-
-"""The shipped config "default" names: the offline default model's architecture."""
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANT_METHODS = ("nf4",)
 FULL, LORA, QLORA = "full fine-tuning", "LoRA", "QLoRA"
@@ -39,8 +41,6 @@ ROWS = ("weights", "gradients", "optimizer", "activations", "total")
 # Bits per NF4 weight with double quantization: the 4-bit code, an 8-bit absmax per block of 64
 # and an fp32 scale per 256 blocks: about 4.127.
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
-# transformers writes these out of several ops, which keep 4 tensors in all (GPT-2 uses gelu_new).
-_UNFUSED_GELUS = ("gelu_new", "gelu_fast")
 
 
 @dataclass(frozen=True)
@@ -141,11 +141,11 @@ def estimate(model: str | os.PathLike[str], r: int = 16, alpha: float | None = N
     trainable, total = trainable_parameters(net)
 
     compute = DTYPES[dtype]
-    size, shape, tokens = compute.itemsize, _shape(net), batch_size * seq_len
-    full_act = _activation_bytes(shape, tokens, size, 0, gradient_checkpointing, norms_train=True)
+    size, shape, tokens = compute.itemsize, model_shape(net), batch_size * seq_len
+    full_act = activation_bytes(shape, tokens, size, 0, gradient_checkpointing, norms_train=True)
     # Planning for a GPU: adapters run under autocast, as lorakit's training loop runs them there.
-    lora_act = _activation_bytes(shape, tokens, size, _adapter_bytes_per_token(net, compute, autocast=True),
-                                 gradient_checkpointing, norms_train=False)
+    lora_act = activation_bytes(shape, tokens, size, adapter_bytes_per_token(net, compute, autocast=True),
+                                gradient_checkpointing, norms_train=False)
     adapters = trainable * 4  # lorakit trains adapters in fp32, also beside 16-bit and 4-bit bases
     memory = {
         # Mixed precision keeps an fp32 master copy beside 16-bit weights; fp32 weights are their own.
@@ -203,16 +203,16 @@ def estimate_for_model(model: nn.Module, batch_size: int, seq_len: int, gradient
         raise ValueError(f"estimate_for_model needs a transformers model (with .config), got a {type(model).__name__}")
     params = list(model.parameters())  # tied weights appear once
     gradients = _nbytes(p for p in params if p.requires_grad)
-    compute, shape = _compute_dtype(model), _shape(model)
+    compute, shape = _compute_dtype(model), model_shape(model)
     norms_train = any(p.requires_grad for m in model.modules() if type(m).__name__.endswith("RMSNorm")
                       for p in m.parameters(recurse=False))
     if autocast is None:
         autocast = any(p.is_cuda for p in model.parameters())
     if not autocast:  # under autocast the A sides read a cast copy, which they keep
-        shape = replace(shape, rebuilt_norm_outputs=_rebuilt_norm_outputs(model))
-    activations = _activation_bytes(shape, batch_size * seq_len, compute.itemsize,
-                                    _adapter_bytes_per_token(model, compute, autocast), gradient_checkpointing,
-                                    norms_train)
+        shape = replace(shape, rebuilt_norm_outputs=rebuilt_norm_outputs(model))
+    activations = activation_bytes(shape, batch_size * seq_len, compute.itemsize,
+                                   adapter_bytes_per_token(model, compute, autocast), gradient_checkpointing,
+                                   norms_train)
     trainable, total = trainable_parameters(model)
     adapter_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
     method = QLORA if any(map(_is_quantized, model.modules())) else FULL if trainable == total else LORA
@@ -257,146 +257,6 @@ def format_bytes(count: float) -> str:
         if count >= size:
             return f"{count / size:.1f} {unit}" if count < 10 * size else f"{count / size:.0f} {unit}"
     return f"{count:.0f} B"
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """The sizes the activation formula needs."""
-
-    layers: int
-    hidden: int
-    q_width: int  # heads x head_dim
-    kv_width: int  # key/value heads x head_dim (narrower than q under grouped-query attention)
-    intermediate: int
-    gated: bool  # SwiGLU-style MLP (gate and up projections) rather than fc1 -> act -> fc2
-    act_values: int  # values the MLP activation keeps per channel: 1 when fused (silu, gelu, relu)
-    fused_gate: bool  # silu(gate) * up runs as lorakit's SwiGLUFunction (keeps gate and up only)
-    rms_norm: bool  # transformers' RMSNorm, which applies its weight as a separate multiply
-    vocab: int  # logits per token; 0 without a language-model head
-    rebuilt_norm_outputs: int = 0  # of q/k/v's and gate/up's inputs (norm outputs), how many backward rebuilds
-
-    def layer_values(self, norms_train: bool) -> int:
-        """Values one decoder layer keeps per token for backward."""
-        # Attention: the norm's input, the q/k/v input (the norm's output), q, k and v (SDPA's
-        # inputs, after RoPE) and o_proj's input (SDPA's output). SDPA keeps no seq x seq matrix.
-        attention = 2 * self.hidden + 2 * self.q_width + 2 * self.kv_width
-        # MLP: the norm's input, the first projections' input, then per intermediate channel the
-        # activation's input(s) and gate's activated output, up's output, down's input (gated)
-        # or just fc2's input (plain).
-        # Fused (lorakit.fuse_gated_mlps): gate's and up's outputs only; down's input is recomputed
-        # by down's fused LoRA function (or kept by nobody when down carries no adapter).
-        per_channel = 2 if self.fused_gate else self.act_values + (3 if self.gated else 1)
-        mlp = 2 * self.hidden + per_channel * self.intermediate
-        # Grouped q/k/v and gate/up A sides keep their norm's input instead of its output
-        # (lorakit.hf.rebuilt_norms): one hidden-wide value less per rebuilt norm output.
-        rebuilt = self.rebuilt_norm_outputs * self.hidden
-        # An RMSNorm whose weight trains (full fine-tuning) also keeps its output before the weight.
-        return attention + mlp - rebuilt + (2 * self.hidden if norms_train and self.rms_norm else 0)
-
-
-def _activation_bytes(shape: _Shape, tokens: int, size: int, adapters: int, checkpointing: bool,
-                      norms_train: bool) -> int:
-    """Bytes kept for backward: layers, adapters (`adapters` bytes per token), final norm, head, logits.
-
-    `size` is the compute dtype's bytes per value. With checkpointing only each layer's input
-    stays, plus one layer (with its share of the adapters) recomputed at a time.
-    """
-    layer = shape.layer_values(norms_train) * size
-    if checkpointing:
-        kept = shape.layers * shape.hidden * size + layer + adapters // max(shape.layers, 1)
-    else:
-        kept = shape.layers * layer + adapters
-    # The final norm's and the head's inputs (and the norm's output when it trains), and the
-    # logits in fp32, which the loss keeps.
-    head = (3 if norms_train and shape.rms_norm else 2) * shape.hidden * size + 4 * shape.vocab
-    return tokens * (kept + head)
-
-
-# Projections that read their block's input: an adapter input prepared for one of them (a cast
-# copy, a dropout output or mask) is shared by its siblings when their adapter shares dropout masks
-# (lorakit.core.lora_function.shared). Which modules read one tensor shows only in a forward, which
-# the estimate does not run, so it goes by transformers' names.
-_SIBLING_READERS = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "gate_proj", "up_proj", "w1", "w3"}
-
-
-def _adapter_bytes_per_token(model: nn.Module, compute: torch.dtype, autocast: bool) -> int:
-    """Bytes per token the active adapters keep, over the whole model.
-
-    Under autocast an adapter computes in the compute dtype (no cast copy of its input), without
-    it in its own (fp32) dtype. Which computation each layer runs is LoraLinear.path_for's answer.
-    """
-    total = 0
-    prepared: set[str] = set()
-    for path, module in model.named_modules():
-        if isinstance(module, LoraEmbedding):
-            total += sum(module.rank(n) * (compute.itemsize if autocast else module.factors(n)[0].element_size())
-                         for n in module.live_adapters())
-        if not isinstance(module, LoraLinear):
-            continue
-        parent, _, leaf = path.rpartition(".")
-        # the fused and update paths keep x (which the base keeps anyway) and, with dropout, a
-        # mask packed a bit per value; the autograd path keeps A's input as a new tensor when it
-        # is cast (fp32 adapters on a 16-bit base) or dropped out (plus torch's one-byte mask)
-        plain = module.path_for(compute, autocast) == AUTOGRAD
-        for name in module.live_adapters():
-            weight = module.factors(name)[0]
-            size = compute.itemsize if autocast else weight.element_size()
-            total += weight.shape[0] * size  # A's output (r values), which B keeps
-            dropout = isinstance(module.lora_dropout[name], nn.Dropout)
-            cast = weight.dtype != compute and not autocast
-            copy = module.in_features * size if plain and (dropout or cast) else 0
-            mask = (module.in_features if plain else (module.in_features + 7) // 8) if dropout else 0
-            # shared by every adapter reading the same x, unless each draws its own mask
-            shared = module.shares_dropout_mask[name] or not dropout
-            reader = f"{parent}.<input>" if leaf in _SIBLING_READERS else path
-            reader = reader if shared else f"{path}.{name}"
-            if reader not in prepared and copy + mask:
-                prepared.add(reader)
-                total += copy + mask
-    return total
-
-
-def _shape(model: nn.Module) -> _Shape:
-    config: Any = model.config
-    hidden = _config_int(config, "hidden_size", "n_embd", "d_model")
-    heads = _config_int(config, "num_attention_heads", "n_head")
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    get_head = getattr(model, "get_output_embeddings", None)
-    activation = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
-    return _Shape(
-        layers=_config_int(config, "num_hidden_layers", "n_layer", "num_layers"),
-        hidden=hidden,
-        q_width=heads * head_dim,
-        kv_width=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
-        intermediate=_config_int(config, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
-        gated=any(path.endswith(("gate_proj", "gate_up_proj")) for path, _ in model.named_modules()),
-        act_values=4 if activation in _UNFUSED_GELUS else 1,
-        fused_gate=any(isinstance(m, FusedGatedMLP) for m in model.modules()),
-        rms_norm=any(type(m).__name__.endswith("RMSNorm") for m in model.modules()),
-        vocab=int(config.vocab_size) if callable(get_head) and get_head() is not None else 0,
-    )
-
-
-def _rebuilt_norm_outputs(model: nn.Module) -> int:
-    """Of a layer's norm outputs that q/k/v and gate/up read, how many backward rebuilds instead of
-    keeping: with the norms marked (lorakit.hf.rebuilt_norms), one for grouped q/k/v
-    (group_attention_inputs), one for a fused MLP whose gate and up carry adapters."""
-    if not any(rebuilds_outputs(m) for m in model.modules()):
-        return 0
-    attention = any(isinstance(m, LoraLinear) and m.input_group is not None for m in model.modules())
-    mlp = any(isinstance(m, FusedGatedMLP) and isinstance(m.gate_proj, LoraLinear) and isinstance(m.up_proj, LoraLinear)
-              for m in model.modules())
-    return int(attention) + int(mlp)
-
-
-def _config_int(config: Any, *names: str, default: int | None = None) -> int:
-    for name in names:
-        if getattr(config, name, None) is not None:
-            return int(getattr(config, name))
-    if default is None:
-        raise ValueError(f"{type(config).__name__} has none of {', '.join(names)}, which the estimate needs "
-                         "(decoder transformers such as llama, mistral, qwen2, gpt2 and opt have them)")
-    return default
 
 
 def _quantizable_weights(model: nn.Module) -> int:
@@ -459,7 +319,7 @@ def _check_settings(batch_size: object, seq_len: object, dtype: object, quant: o
         raise ValueError("invalid estimate settings:\n  " + "\n  ".join(problems))
 
 
-def _describe_model(model: nn.Module, shape: _Shape) -> str:
+def _describe_model(model: nn.Module, shape: Shape) -> str:
     config: Any = model.config
     return f"{type(model).__name__}, {shape.layers} layers, hidden {shape.hidden}, vocab {config.vocab_size:,d}"
 
