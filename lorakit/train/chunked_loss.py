@@ -21,6 +21,12 @@ from torch import nn
 
 IGNORE_INDEX = -100
 CHUNK_ROWS = 256
+# On a CPU the logits of a chunk are written block by block of this many vocabulary columns, into
+# one buffer that every chunk reuses: one (256 x 49,152) product ran at 92 GFLOP/s and blocks of
+# 2,048 columns at 133 on this project's 2-core machine (a block of the weight stays in cache while
+# it is used), and a fresh 50 MB tensor per chunk costs page faults. Each logit is the same dot
+# product either way, over the whole hidden width.
+VOCAB_BLOCK = 2048
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -32,6 +38,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         # hidden: (N, h), weight: (V, h), labels: (N,)
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        blocked = (hidden.device.type == "cpu" and hidden.dtype == weight.dtype
+                   and not torch.is_autocast_enabled("cpu"))
+        buffer = hidden.new_empty(min(chunk_rows, hidden.shape[0]), weight.shape[0]) if blocked else None
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             chunk_labels = labels[rows]
@@ -39,7 +48,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if not bool(keep.any()):
                 continue
             h = hidden[rows][keep]
-            logits = F.linear(h, weight, bias)  # (n, V)
+            logits = F.linear(h, weight, bias) if buffer is None else _blocked_logits(h, weight, bias, buffer)  # (n, V)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit up to fp32
             target = chunk_labels[keep]
             # On a CPU in place: the logits and their log-softmax never live side by side (50 MB a
@@ -64,6 +73,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         if grad_hidden.numel() == 0:
             return None, None, None, None, None
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+
+
+def _blocked_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    buffer: torch.Tensor) -> torch.Tensor:
+    """h W^T + b in the first len(h) rows of `buffer`, VOCAB_BLOCK columns per product."""
+    logits = buffer[: h.shape[0]]
+    for start in range(0, weight.shape[0], VOCAB_BLOCK):
+        columns = slice(start, start + VOCAB_BLOCK)
+        torch.mm(h, weight[columns].T, out=logits[:, columns])
+    return logits if bias is None else logits.add_(bias)
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,

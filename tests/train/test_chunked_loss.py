@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, add_adapter
+from lorakit.train import chunked_loss
 from lorakit.train.chunked_loss import causal_lm_loss, chunked_causal_lm_loss, supports_chunked_loss
 from tests.models import randomize_adapters, tiny_gpt2, tiny_llama, tokens
 
@@ -72,7 +73,9 @@ def test_log_softmax_in_its_own_buffer_is_the_out_of_place_one_bit_for_bit(dtype
     assert torch.equal(torch.log_softmax(logits, dim=-1, out=logits), expected)
 
 
-def test_values_and_gradient_equal_the_plain_float64_formula():
+@pytest.mark.parametrize("vocab_block", [2048, 7])  # one product per chunk; 8 blocks, the last one short
+def test_values_and_gradient_equal_the_plain_float64_formula(vocab_block, monkeypatch):
+    monkeypatch.setattr(chunked_loss, "VOCAB_BLOCK", vocab_block)
     torch.manual_seed(0)
     hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
     head = torch.nn.Linear(16, 50).double().requires_grad_(False)
@@ -86,3 +89,21 @@ def test_values_and_gradient_equal_the_plain_float64_formula():
     torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
     grad = torch.autograd.grad(ours, hidden)[0]
     torch.testing.assert_close(grad, torch.autograd.grad(plain, hidden)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_logits_in_vocabulary_blocks_equal_one_product(monkeypatch):
+    # the blocked product into the reused buffer gives each chunk's logits as F.linear does
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50).requires_grad_(False)
+    labels = torch.randint(0, 50, (2, 9))
+    results = []
+    for block in (50, 7):
+        monkeypatch.setattr(chunked_loss, "VOCAB_BLOCK", block)
+        loss = chunked_causal_lm_loss(hidden, head, labels, chunk_rows=4)
+        results.append((loss, *torch.autograd.grad(loss, hidden)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: one F.linear per chunk, as before
+        loss = chunked_causal_lm_loss(hidden, head, labels, chunk_rows=4)
+    for ours, theirs in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss.float(), results[0][0].detach(), rtol=2e-2, atol=2e-2)
