@@ -80,14 +80,19 @@ class SharedASideFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, bits, a_all = ctx.saved_tensors
+        rebuilt = False
         if ctx.norm is not None:
-            x = rebuild(ctx.norm, x).reshape(-1, a_all.shape[1])
+            source, x = x, rebuild(ctx.norm, x).reshape(-1, a_all.shape[1])
+            # a new tensor (not the kept input handed back) is this function's own to change
+            rebuilt = x.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
         need_x, _, _, *need_a = ctx.needs_input_grad
         # unpacked in x's dtype: a float mask multiplies several times faster than a uint8 one; used twice
         mask = None if bits is None else unpack_bits(bits, x.shape, x.dtype)
         grad_a: Sequence[torch.Tensor | None] = [None] * len(need_a)
         if any(need_a):
-            grad_a = torch.mm(grad.T, _masked(x, mask)).split(ctx.ranks)
+            # a rebuilt x is this function's own: masked in place, with no new tensor to fault in
+            masked = x.mul_(mask) if rebuilt and mask is not None else _masked(x, mask)
+            grad_a = torch.mm(grad.T, masked).split(ctx.ranks)
         grad_x = None
         if need_x:
             grad_x = torch.mm(grad, a_all)

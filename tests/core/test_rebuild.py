@@ -113,6 +113,31 @@ def test_an_a_side_on_a_marked_norm_has_the_plain_formulas_values_and_gradients(
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+def test_a_marked_module_that_hands_back_its_input_is_not_masked_in_place():
+    # backward masks a rebuilt x in place; a "norm" whose forward returns its input gives back the
+    # kept tensor itself, which must stay as it was
+    class PassThrough(nn.Module):
+        def forward(self, x):
+            return x
+
+    torch.manual_seed(0)
+    module = PassThrough()
+    rebuild_outputs(module)
+    hidden = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    x = hidden * 1.0  # not a leaf, as a norm's input in a model
+    kept = x.detach().clone()
+    linears = members()
+    ours = lora_linears_one_input(module(x), linears, 0.3)
+    mask = dropout_mask(x, 0.3)
+    theirs = [x @ w.T + s * ((x * mask / (1 - quantized_dropout(0.3))) @ a.T) @ b.T for w, _, a, b, s in linears]
+    leaves = (hidden, *[t for _, _, a, b, _ in linears for t in (a, b)])
+    grads = [torch.randn_like(t) for t in theirs]
+    ours_grads = torch.autograd.grad(ours, leaves, grads, retain_graph=True)  # the two graphs share x
+    for g, w in zip(ours_grads, torch.autograd.grad(theirs, leaves, grads), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert torch.equal(x, kept)
+
+
 def llama(mark):
     model = tiny_llama()
     add_adapter(model, LoraConfig(r=4, dropout=0.3))
