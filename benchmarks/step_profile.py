@@ -6,7 +6,8 @@ Each configuration runs in its own process (as benchmarks.training builds it), o
 then one step under `torch.profiler` with input shapes recorded. Every op's own (self) CPU time
 goes to one kind of work, told apart by op name and, for matrix products, by shape:
 
-- matmul, output head: a product with the vocabulary as one dimension;
+- matmul, output head: a product with the vocabulary as one dimension, or any product inside
+  lorakit's chunked head (`_ChunkedHeadLoss`, which runs the vocabulary in blocks on a CPU);
 - matmul, adapters: a product with r, 2r or 3r as one of its matrix dimensions (one A or B, gate
   and up's A stacked, q, k and v's);
 - matmul, frozen base: every other product (the base's linears);
@@ -98,10 +99,16 @@ def profile_step(lib: str, setting: Any, warmup: int) -> dict[str, Any]:
     flops: dict[str, float] = defaultdict(float)
     events = prof.events()
     optimizer_ids = _inside(events, "Optimizer.step")
+    head_ids = _inside(events, "_ChunkedHeadLoss")
     for event in events:
         if event.self_cpu_time_total <= 0 or event.name == "step":
             continue
-        kind = "optimizer" if event.id in optimizer_ids else kind_of(event.name, event.input_shapes or [], vocab, setting.r)
+        if event.id in optimizer_ids:
+            kind = "optimizer"
+        elif event.id in head_ids and event.name in MATMULS:
+            kind = "matmul, output head"
+        else:
+            kind = kind_of(event.name, event.input_shapes or [], vocab, setting.r)
         seconds[kind] += event.self_cpu_time_total / 1e6
         flops[kind] += matmul_flops(event.name, event.input_shapes or [])
     return {"lib": lib, "wall": wall, "record": record, "seconds": {k: seconds.get(k, 0.0) for k in KINDS},

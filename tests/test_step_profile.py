@@ -25,3 +25,22 @@ def test_flops_of_the_leaf_products_only():
     assert matmul_flops("aten::bmm", [[3, 8, 4], [3, 4, 5]]) == 2 * 3 * 8 * 4 * 5
     assert matmul_flops("aten::linear", [[1024, 576], [1536, 576], []]) == 0  # dispatches to addmm / mm
     assert matmul_flops("aten::mul", [[4, 4], [4, 4]]) == 0
+
+
+def test_the_products_inside_the_chunked_head_are_found_by_its_event():
+    # on a CPU the chunked head runs the vocabulary in blocks, so its products' shapes do not name it
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.step_profile import MATMULS, _inside
+    from lorakit.train.chunked_loss import chunked_causal_lm_loss
+
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 4099, bias=False).requires_grad_(False)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        chunked_causal_lm_loss(hidden, head, torch.randint(0, 4099, (2, 5))).backward()
+    events = prof.events()
+    inside = _inside(events, "_ChunkedHeadLoss")
+    products = [e for e in events if e.name in MATMULS and e.id in inside]
+    assert len(products) >= 3  # 4,099 columns: three blocks of the forward product, and the backward's
+    assert any(4099 not in [d for s in e.input_shapes for d in s] for e in products)  # shapes alone miss them
