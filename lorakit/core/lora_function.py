@@ -67,23 +67,27 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def lora_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, lora_a: torch.Tensor,
                   lora_b: torch.Tensor, xa: torch.Tensor, mask: torch.Tensor | None, scale: float, need_x: bool,
-                  need_a: bool, need_b: bool, x_is_masked: bool = False,
+                  need_a: bool, need_b: bool, x_is_scratch: bool = False,
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dA, dB) from dy, each None when not needed; without `weight`, dx is the adapter's part only.
 
-    `mask` is the keep mask in x's dtype (0/1), as `unpack_bits` gives it back. With `x_is_masked`,
-    x is already x * m (a caller that rebuilds x anyway masks it in place and saves a pass here);
-    only dA reads x, so dx and dB are the same either way.
+    `mask` is the keep mask in x's dtype (0/1), as `unpack_bits` gives it back. With `x_is_scratch`,
+    x is the caller's own rebuilt copy: it is masked in place for dA and then holds dx. A fresh
+    activation-sized tensor costs page faults on a CPU, each about as long as a pass over it.
     """
     grad_b = torch.mm(grad.T, xa).mul_(scale) if need_b else None
     grad_xa = torch.mm(grad, lora_b).mul_(scale)  # (N, r)
-    grad_a = torch.mm(grad_xa.T, x if x_is_masked else _masked(x, mask)) if need_a else None
+    if need_a:
+        masked = x.mul_(mask) if x_is_scratch and mask is not None else _masked(x, mask)
+        grad_a = torch.mm(grad_xa.T, masked)
+    else:
+        grad_a = None
     if not need_x:
         return None, grad_a, grad_b
     if weight is None:
         grad_x = torch.mm(grad_xa, lora_a)
         return (grad_x if mask is None else grad_x.mul_(mask)), grad_a, grad_b
-    grad_x = torch.mm(grad, weight)
+    grad_x = torch.mm(grad, weight, out=x if x_is_scratch else None)
     if mask is None:
         grad_x.addmm_(grad_xa, lora_a)
     else:  # one pass: m is 0/1, so the product is exact and the sum is the same as mul_ then add_

@@ -68,14 +68,15 @@ class SwiGLULoraFunction(torch.autograd.Function):
         mask = None if bits is None else unpack_bits(bits, gate.shape, gate.dtype)
         need_gate, need_up, _, _, need_a, need_b = ctx.needs_input_grad[:6]
         silu = F.silu(gate)
-        masked_h = silu * up if mask is None else (silu * up).mul_(mask)  # h m, what dA reads
-        grad_h, grad_a, grad_b = lora_backward(grad, masked_h, weight, lora_a, lora_b, xa, mask, ctx.scale,
-                                               need_gate or need_up, need_a, need_b, x_is_masked=True)
-        del masked_h
+        # h = silu * up, rebuilt: lora_backward masks it in place for dA, then writes dh into it
+        grad_h, grad_a, grad_b = lora_backward(grad, silu * up, weight, lora_a, lora_b, xa, mask, ctx.scale,
+                                               need_gate or need_up, need_a, need_b, x_is_scratch=True)
         grad_gate = grad_up = None
         if grad_h is not None:
             grad_up = silu.mul_(grad_h) if need_up else None  # silu is not needed after this
-            grad_gate = torch.ops.aten.silu_backward(grad_h.mul_(up), gate) if need_gate else None
+            if need_gate:  # silu'(g) * dh * up, written over dh (an elementwise kernel reads each entry first)
+                grad_h.mul_(up)
+                grad_gate = torch.ops.aten.silu_backward.grad_input(grad_h, gate, grad_input=grad_h)
         return grad_gate, grad_up, None, None, grad_a, grad_b, None, None
 
 
