@@ -72,22 +72,24 @@ def lora_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     """(dx, dA, dB) from dy, each None when not needed; without `weight`, dx is the adapter's part only.
 
     `mask` is the keep mask in x's dtype (0/1), as `unpack_bits` gives it back. With `x_is_scratch`,
-    x is the caller's own rebuilt copy: it is masked in place for dA and then holds dx. A fresh
-    activation-sized tensor costs page faults on a CPU, each about as long as a pass over it.
+    x is the caller's own rebuilt copy: it is masked in place for dA and then holds dx; otherwise
+    the masked copy dA reads holds dx. A fresh activation-sized tensor costs page faults on a CPU,
+    each about as long as a pass over it.
     """
     grad_b = torch.mm(grad.T, xa).mul_(scale) if need_b else None
     grad_xa = torch.mm(grad, lora_b).mul_(scale)  # (N, r)
+    spare = x if x_is_scratch else None  # an x-shaped tensor of our own, free once dA is computed
+    grad_a = None
     if need_a:
         masked = x.mul_(mask) if x_is_scratch and mask is not None else _masked(x, mask)
         grad_a = torch.mm(grad_xa.T, masked)
-    else:
-        grad_a = None
+        spare = spare if mask is None else masked  # x * m is a new tensor unless x was the scratch
     if not need_x:
         return None, grad_a, grad_b
     if weight is None:
-        grad_x = torch.mm(grad_xa, lora_a)
+        grad_x = torch.mm(grad_xa, lora_a, out=spare)
         return (grad_x if mask is None else grad_x.mul_(mask)), grad_a, grad_b
-    grad_x = torch.mm(grad, weight, out=x if x_is_scratch else None)
+    grad_x = torch.mm(grad, weight, out=spare)
     if mask is None:
         grad_x.addmm_(grad_xa, lora_a)
     else:  # one pass: m is 0/1, so the product is exact and the sum is the same as mul_ then add_

@@ -95,7 +95,7 @@ class SharedASideFunction(torch.autograd.Function):
             grad_a = torch.mm(grad.T, masked).split(ctx.ranks)
         grad_x = None
         if need_x:
-            grad_x = torch.mm(grad, a_all)
+            grad_x = torch.mm(grad, a_all, out=x if rebuilt else None)  # dA has read x: reuse it
             grad_x = grad_x if mask is None else grad_x.mul_(mask)
         return grad_x, None, None, *(g if need else None for g, need in zip(grad_a, need_a, strict=True))
 
