@@ -11,11 +11,12 @@ kinds from here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from lorakit.core.base_weight import BaseWeight
 from lorakit.core.config import is_svd_init
 from lorakit.core.contract import (
     SUPPORTED_MODULES,
@@ -276,24 +277,32 @@ class LoraLinear(LoraLayer):
 
     def fused_adapter(self, dtype: torch.dtype, autocast: bool) -> str | None:
         """The one adapter LoraLinearFunction would run for input of `dtype`, or None (see path_for)."""
-        if self.disabled or self.row_adapters is not None or self.kind != "linear":
+        if self.disabled or self.row_adapters is not None or self.kind not in ("linear", "quantized"):
             return None
         live = self.live_adapters()
         # DoRA rescales the output after the update: not a plain fused LoRA (hf/fused_mlp.py asks too)
         if len(live) != 1 or self.uses_dora(live[0]):
             return None
-        base = cast(nn.Linear, self.base)
         a, b = self.factors(live[0])
+        if self.kind == "quantized":  # NF4Linear: x, its compute dtype, its bias, A and B in one dtype, no autocast
+            bias = getattr(self.base, "bias", None)
+            plain_bias = bias is None or (not bias.requires_grad and bias.dtype == dtype)
+            same = dtype == getattr(self.base, "compute_dtype", None) == a.dtype == b.dtype
+            return live[0] if plain_bias and same and not autocast else None
+        base = cast(nn.Linear, self.base)
         frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
         # under autocast x may be in any dtype: the function casts everything to autocast's, as a linear does
         same_dtype = base.weight.dtype == a.dtype == b.dtype and (autocast or dtype == a.dtype)
         return live[0] if frozen and same_dtype else None
 
-    def fused_arguments(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor,
+    def fused_arguments(self, name: str) -> tuple[BaseWeight, torch.Tensor | None, torch.Tensor, torch.Tensor,
                                                   float, float]:
-        """(W, bias, A, B, s, dropout p) of adapter `name` for the fused functions; p = 0 in eval mode."""
-        base = cast(nn.Linear, self.base)
-        return (base.weight, base.bias, *self.factors(name), self.scaling[name], self.dropout_p(name))
+        """(W, bias, A, B, s, dropout p) of adapter `name` for the fused functions; p = 0 in eval mode.
+
+        W is the weight itself, or for a 4-bit base its dequantizer (core/base_weight.py)."""
+        base: Any = self.base
+        weight = base.dequantize_weight if self.kind == "quantized" else base.weight
+        return (weight, base.bias, *self.factors(name), self.scaling[name], self.dropout_p(name))
 
     def dropout_p(self, name: str) -> float:
         """Adapter `name`'s dropout probability now: 0 in eval mode or without dropout."""

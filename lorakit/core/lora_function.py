@@ -32,17 +32,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.core.base_weight import BaseWeight, dense, keep, kept
 from lorakit.core.bit_mask import pack_bits, unpack_bits
 
 
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    def forward(ctx: Any, x: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
-        # x: (N, in); weight: (out, in); lora_a: (r, in); lora_b: (out, r); mask: (N, in) 0/1 uint8 or None.
+        # x: (N, in); weight: (out, in) or a 4-bit base's dequantizer (base_weight.py); lora_a: (r, in);
+        # lora_b: (out, r); mask: (N, in) 0/1 uint8 or None.
         # `scale` includes dropout's 1 / (1 - p), so the mask itself stays 0/1.
-        y, xa = lora_forward(x, weight, bias, lora_a, lora_b, scale, mask)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, None if mask is None else packed_mask(mask))
+        y, xa = lora_forward(x, dense(weight, x.dtype), bias, lora_a, lora_b, scale, mask)
+        ctx.save_for_backward(x, keep(ctx, weight), lora_a, lora_b, xa, None if mask is None else packed_mask(mask))
         ctx.scale = scale
         return y
 
@@ -51,8 +53,8 @@ class LoraLinearFunction(torch.autograd.Function):
         x, weight, lora_a, lora_b, xa, bits = ctx.saved_tensors
         mask = None if bits is None else unpack_bits(bits, x.shape, x.dtype)
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        grad_x, grad_a, grad_b = lora_backward(grad, x, weight, lora_a, lora_b, xa, mask, ctx.scale,
-                                               need_x, need_a, need_b)
+        grad_x, grad_a, grad_b = lora_backward(grad, x, kept(ctx, weight, grad.dtype) if need_x else None, lora_a,
+                                               lora_b, xa, mask, ctx.scale, need_x, need_a, need_b)
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
@@ -125,7 +127,7 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else torch.mul(x, mask)
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+def lora_linear(x: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float, dropout: float, share_mask: bool = True,
                 reader: Hashable | None = None) -> torch.Tensor:
     """base linear + s * B A dropout(x) for x (..., in) -> (..., out), through LoraLinearFunction.
@@ -137,13 +139,15 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     scale = scale / (1.0 - quantized_dropout(dropout))
     dtype = autocast_dtype(x)
     if dtype is not None:  # autocast's linear: every input in its dtype, then the same function
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError("a 4-bit base runs the fused LoRA linear with autocast off only")
         flat, weight, bias, lora_a, lora_b = cast_all(dtype, flat, weight, bias, lora_a, lora_b)
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         if torch.is_grad_enabled():
             y = LoraLinearFunction.apply(flat, weight, bias, lora_a, lora_b, scale, mask)
         else:  # inference: the same maths without an autograd node per layer per token
-            y, _ = lora_forward(flat, weight, bias, lora_a, lora_b, scale, mask)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+            y, _ = lora_forward(flat, dense(weight, flat.dtype), bias, lora_a, lora_b, scale, mask)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

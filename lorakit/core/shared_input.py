@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.core.base_weight import BaseWeight, dense, keep, kept
 from lorakit.core.bit_mask import unpack_bits
 from lorakit.core.lora_function import (
     autocast_dtype,
@@ -56,11 +57,12 @@ class LoraLinear(Protocol):
 
     def live_adapters(self) -> list[str]: ...
 
-    def fused_arguments(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor,
+    def fused_arguments(self, name: str) -> tuple[BaseWeight, torch.Tensor | None, torch.Tensor, torch.Tensor,
                                                   float, float]: ...
 
-FusedArguments = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, float]
-"""(W, bias, A, B, s) of one member: W (out, in), bias (out,) or None, A (r, in), B (out, r)."""
+FusedArguments = tuple[BaseWeight, torch.Tensor | None, torch.Tensor, torch.Tensor, float]
+"""(W, bias, A, B, s) of one member: W (out, in) or a 4-bit base's dequantizer, bias (out,) or None,
+A (r, in), B (out, r)."""
 
 
 class SharedASideFunction(torch.autograd.Function):
@@ -102,12 +104,13 @@ class SharedASideFunction(torch.autograd.Function):
 
 class BaseAndBFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, xa: torch.Tensor,
+    def forward(ctx: Any, x: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None, xa: torch.Tensor,
                 lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-        # x: (N, in); weight: (out, in); xa: (N, r) (a column slice of the shared A side); lora_b: (out, r)
-        y = F.linear(x, weight, bias)
+        # x: (N, in); weight: (out, in) or a 4-bit base's dequantizer (base_weight.py); xa: (N, r) (a column
+        # slice of the shared A side); lora_b: (out, r)
+        y = F.linear(x, dense(weight, x.dtype), bias)
         y.addmm_(xa, lora_b.T, alpha=scale)
-        ctx.save_for_backward(weight, xa, lora_b)
+        ctx.save_for_backward(keep(ctx, weight), xa, lora_b)
         ctx.scale = scale
         return y
 
@@ -115,7 +118,7 @@ class BaseAndBFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         weight, xa, lora_b = ctx.saved_tensors
         need_x, _, _, need_xa, need_b = ctx.needs_input_grad[:5]
-        grad_x = torch.mm(grad, weight) if need_x else None
+        grad_x = torch.mm(grad, kept(ctx, weight, grad.dtype)) if need_x else None
         grad_xa = torch.mm(grad, lora_b).mul_(ctx.scale) if need_xa else None
         grad_b = torch.mm(grad.T, xa).mul_(ctx.scale) if need_b else None
         return grad_x, None, None, grad_xa, grad_b, None
@@ -140,7 +143,10 @@ def lora_linears_one_input(x: torch.Tensor, members: Sequence[FusedArguments], d
     dtype = autocast_dtype(x)
     if dtype is not None:  # autocast's linears: every input in its dtype
         flat = flat.to(dtype)
-        members = [(*cast_all(dtype, weight, bias, a, b), s) for weight, bias, a, b, s in members]
+        tensors = [(weight, bias, a, b, s) for weight, bias, a, b, s in members if isinstance(weight, torch.Tensor)]
+        if len(tensors) != len(members):
+            raise ValueError("a 4-bit base runs the grouped A sides with autocast off only")
+        members = [(*cast_all(dtype, weight, bias, a, b), s) for weight, bias, a, b, s in tensors]
     with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
         source = rebuild_source(x) if dtype is None else None  # under autocast flat is a cast copy
         xa = SharedASideFunction.apply(flat, mask, source, *(a for _, _, a, _, _ in members))  # (N, sum r_i)
@@ -148,7 +154,7 @@ def lora_linears_one_input(x: torch.Tensor, members: Sequence[FusedArguments], d
         outputs = []
         for share, (weight, bias, _, b, scale) in zip(shares, members, strict=True):
             y = BaseAndBFunction.apply(flat, weight, bias, share, b, scale * keep_scale)
-            outputs.append(y.reshape(*x.shape[:-1], weight.shape[0]))
+            outputs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
     return outputs
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lorakit.core.base_weight import BaseWeight, dense, keep, kept
 from lorakit.core.bit_mask import unpack_bits
 from lorakit.core.lora_function import (
     autocast_dtype,
@@ -51,14 +52,16 @@ class SwiGLULoraFunction(torch.autograd.Function):
     backward recomputes h from gate and up instead of keeping it (one intermediate-wide tensor less)."""
 
     @staticmethod
-    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
-        # gate, up: (N, i); weight: (out, i); mask: (N, i) 0/1 uint8 or None; scale includes 1 / (1 - p)
+        # gate, up: (N, i); weight: (out, i) or a 4-bit base's dequantizer (base_weight.py);
+        # mask: (N, i) 0/1 uint8 or None; scale includes 1 / (1 - p)
         h = F.silu(gate).mul_(up)
-        y = F.linear(h, weight, bias)
+        y = F.linear(h, dense(weight, h.dtype), bias)
         xa = (h if mask is None else h.mul_(mask)) @ lora_a.T  # h is not needed again: mask it in place
         y.addmm_(xa, lora_b.T, alpha=scale)
-        ctx.save_for_backward(gate, up, weight, lora_a, lora_b, xa, None if mask is None else packed_mask(mask))
+        ctx.save_for_backward(gate, up, keep(ctx, weight), lora_a, lora_b, xa,
+                              None if mask is None else packed_mask(mask))
         ctx.scale = scale
         return y
 
@@ -69,8 +72,10 @@ class SwiGLULoraFunction(torch.autograd.Function):
         need_gate, need_up, _, _, need_a, need_b = ctx.needs_input_grad[:6]
         silu = F.silu(gate)
         # h = silu * up, rebuilt: lora_backward masks it in place for dA, then writes dh into it
-        grad_h, grad_a, grad_b = lora_backward(grad, silu * up, weight, lora_a, lora_b, xa, mask, ctx.scale,
-                                               need_gate or need_up, need_a, need_b, x_is_scratch=True)
+        need_h = need_gate or need_up
+        grad_h, grad_a, grad_b = lora_backward(grad, silu * up, kept(ctx, weight, grad.dtype) if need_h else None,
+                                               lora_a, lora_b, xa, mask, ctx.scale, need_h, need_a, need_b,
+                                               x_is_scratch=True)
         grad_gate = grad_up = None
         if grad_h is not None:
             grad_up = silu.mul_(grad_h) if need_up else None  # silu is not needed after this
@@ -85,7 +90,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return SwiGLUFunction.apply(gate, up)
 
 
-def swiglu_lora(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def swiglu_lora(gate: torch.Tensor, up: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
     """down(silu(gate) * up) with one LoRA adapter on down, through SwiGLULoraFunction.
 
@@ -99,8 +104,10 @@ def swiglu_lora(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias
     if dtype is None:
         y = SwiGLULoraFunction.apply(flat_gate, flat_up, weight, bias, lora_a, lora_b, scale / (1.0 - p), mask)
     else:  # as autocast runs down(silu(gate) * up): the product in gate's dtype, down's linear in autocast's
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError("a 4-bit down_proj runs the fused SwiGLU with autocast off only")
         flat_gate, flat_up, weight, bias, lora_a, lora_b = cast_all(dtype, flat_gate, flat_up, weight, bias,
                                                                     lora_a, lora_b)
         with torch.autocast(gate.device.type, enabled=False):
             y = SwiGLULoraFunction.apply(flat_gate, flat_up, weight, bias, lora_a, lora_b, scale / (1.0 - p), mask)
-    return y.reshape(*gate.shape[:-1], weight.shape[0])
+    return y.reshape(*gate.shape[:-1], y.shape[-1])

@@ -88,3 +88,55 @@ def test_quantize_model_copies_the_rest_out_of_loaded_storage_and_keeps_ties():
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     assert model.model.embed_tokens.weight.data_ptr() != pointer  # our own copy, not the loaded storage
     assert torch.equal(model.model.embed_tokens.weight, embedding)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_4bit_llama_on_the_fused_paths_trains_as_on_the_plain_ones(dropout, monkeypatch):
+    """NF4 layers take the fused LoRA linear, the grouped q/k/v and gate/up A sides and the fused
+    SwiGLU with down's LoRA, W dequantized in forward and again in backward; values and gradients
+    are those of the per-layer path (each NF4Linear, then LoraUpdateFunction)."""
+    from lorakit import fuse_gated_mlps, group_attention_inputs
+
+    def run(fused):
+        model = quantize_model(tiny_llama(), "nf4")
+        add_adapter(model, LoraConfig(r=4, alpha=8, dropout=dropout))
+        randomize_adapters(model)
+        fuse_gated_mlps(model)
+        group_attention_inputs(model)
+        model.train()
+        if not fused:
+            monkeypatch.setattr(LoraLinear, "fused_adapter", lambda self, dtype, autocast: None)
+        torch.manual_seed(0)
+        loss = model(input_ids=tokens(), labels=tokens()).loss
+        nodes = graph_node_names(loss)
+        fused_nodes = {"SwiGLULoraFunctionBackward", "SharedASideFunctionBackward", "LoraLinearFunctionBackward"}
+        assert (fused_nodes <= nodes) if fused else not (fused_nodes & nodes)
+        loss.backward()
+        monkeypatch.undo()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    (loss_fused, grads_fused), (loss_plain, grads_plain) = run(True), run(False)
+    torch.testing.assert_close(loss_fused, loss_plain, rtol=1e-6, atol=1e-6)
+    assert grads_fused.keys() == grads_plain.keys() and len(grads_fused) > 0
+    for name, grad in grads_fused.items():
+        torch.testing.assert_close(grad, grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_4bit_layer_takes_the_fused_path_only_where_the_dtypes_allow():
+    model = qlora_llama()
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.path_for(torch.float32, autocast=False) == "fused"
+    assert layer.path_for(torch.float32, autocast=True) != "fused"  # autocast: the per-layer paths
+    assert layer.path_for(torch.bfloat16, autocast=False) != "fused"  # x not in the compute dtype
+
+
+def graph_node_names(out):
+    """The names of every autograd node behind `out`."""
+    todo, seen = [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo += [n for n, _ in node.next_functions]
+    return {type(node).__name__ for node in seen}
