@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -72,3 +74,16 @@ MODEL_BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def autograd_nodes(out: torch.Tensor) -> list[Any]:
+    """Every autograd node behind `out`, each once (its own first)."""
+    todo, seen, nodes = [out.grad_fn], set(), []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        todo += [n for n, _ in node.next_functions]
+    return nodes

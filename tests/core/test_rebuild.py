@@ -10,7 +10,7 @@ from lorakit.core.lora_function import dropout_mask, quantized_dropout
 from lorakit.core.rebuild import rebuild, rebuild_outputs, rebuild_source
 from lorakit.core.shared_input import lora_linears_one_input
 from lorakit.hf.fused_attention import group_attention_inputs
-from tests.models import loss_and_grads, randomize_adapters, tiny_llama, tokens
+from tests.models import autograd_nodes, loss_and_grads, randomize_adapters, tiny_llama, tokens
 
 
 def norms():
@@ -165,16 +165,9 @@ def test_a_llama_trains_bit_for_bit_as_when_the_norm_outputs_are_kept():
 
 def a_side_node(out):
     """The SharedASideFunction node behind one member's output."""
-    todo, seen = [out.grad_fn], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__ == "SharedASideFunctionBackward":
-            return node
-        todo += [n for n, _ in node.next_functions]
-    raise AssertionError("no shared A side")
+    found = [n for n in autograd_nodes(out) if type(n).__name__ == "SharedASideFunctionBackward"]
+    assert found, "no shared A side"
+    return found[0]
 
 
 def test_the_a_sides_keep_the_norms_input_and_not_its_output():

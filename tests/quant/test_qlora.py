@@ -7,7 +7,7 @@ import lorakit
 from lorakit import LoraConfig, add_adapter, merge_and_unload
 from lorakit.core.layers import LoraLinear
 from lorakit.quant import NF4Linear, quantize_model
-from tests.models import logits, randomize_adapters, tiny_gpt2, tiny_llama, tokens
+from tests.models import autograd_nodes, logits, randomize_adapters, tiny_gpt2, tiny_llama, tokens
 
 
 def qlora_llama():
@@ -108,7 +108,7 @@ def test_a_4bit_llama_on_the_fused_paths_trains_as_on_the_plain_ones(dropout, mo
             monkeypatch.setattr(LoraLinear, "fused_adapter", lambda self, dtype, autocast: None)
         torch.manual_seed(0)
         loss = model(input_ids=tokens(), labels=tokens()).loss
-        nodes = graph_node_names(loss)
+        nodes = {type(node).__name__ for node in autograd_nodes(loss)}
         fused_nodes = {"SwiGLULoraFunctionBackward", "SharedASideFunctionBackward", "LoraLinearFunctionBackward"}
         assert (fused_nodes <= nodes) if fused else not (fused_nodes & nodes)
         loss.backward()
@@ -128,15 +128,3 @@ def test_a_4bit_layer_takes_the_fused_path_only_where_the_dtypes_allow():
     assert layer.path_for(torch.float32, autocast=False) == "fused"
     assert layer.path_for(torch.float32, autocast=True) != "fused"  # autocast: the per-layer paths
     assert layer.path_for(torch.bfloat16, autocast=False) != "fused"  # x not in the compute dtype
-
-
-def graph_node_names(out):
-    """The names of every autograd node behind `out`."""
-    todo, seen = [out.grad_fn], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        todo += [n for n, _ in node.next_functions]
-    return {type(node).__name__ for node in seen}
