@@ -258,12 +258,13 @@ class LoraLinear(LoraLayer):
 
         - "fused": `LoraLinearFunction`, the base matmul and the one live adapter as one autograd
           function that keeps x (which the model keeps anyway), x A^T and a 1-byte dropout mask.
-          Needs a frozen nn.Linear base, exactly one live adapter, W, A and B in one dtype (x too
-          unless autocast is on: then all run in autocast's dtype), and a plain (not DoRA) adapter
-          (`fused_adapter`).
+          Needs exactly one live, plain (not DoRA) adapter and either a frozen nn.Linear base with
+          W, A and B in one dtype (x too unless autocast is on: then all run in autocast's dtype),
+          or a 4-bit base with x, its compute dtype, A and B in one dtype and autocast off (W is
+          dequantized in forward and again in backward; base_weight.py) (`fused_adapter`).
         - "update": `LoraUpdateFunction` per adapter, added to the base's output with the same
-          savings: a Conv1D or 4-bit base, or several adapters. Needs x and every live adapter
-          in one dtype, autocast off.
+          savings: a Conv1D base, a 4-bit base in another dtype, or several adapters. Needs x and
+          every live adapter in one dtype, autocast off.
         - "autograd": the plain formula in autograd ops, the reference every fast path is tested
           against: it keeps A's input, a cast copy of x where the dtypes differ and a dropped-out
           copy with dropout. Adapters in fp32 beside a 16-bit base, and a Conv1D, 4-bit or

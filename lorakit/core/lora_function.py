@@ -12,8 +12,8 @@ the plain formula's:
     dB = s' g^T (x m A^T)        dA = (s' g B)^T (x m)        dx = g W + m * ((s' g B) A)
 
 Used by LoraLinear for the common case: a plain nn.Linear base with frozen weight and bias, one
-active adapter, and W, A and B in one dtype (x too, unless autocast is on); `LoraLinear.path_for`
-decides. Under autocast (CPU bf16, CUDA bf16/fp16) the fused functions cast x, W, bias, A and B to
+active adapter, and W, A and B in one dtype (x too, unless autocast is on), or a 4-bit base whose
+W is dequantized in forward and again in backward (base_weight.py); `LoraLinear.path_for` decides. Under autocast (CPU bf16, CUDA bf16/fp16) the fused functions cast x, W, bias, A and B to
 autocast's dtype, as autocast casts a linear's inputs, and run in that dtype; A's and B's
 gradients flow back to their own dtype through the casts, as with autocast's own linears.
 
