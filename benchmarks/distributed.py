@@ -69,7 +69,7 @@ def worker(args: argparse.Namespace) -> None:
     """Train `args.steps + args.warmup` steps as this rank; rank 0 emits every rank's figures."""
     import torch.distributed as dist
 
-    from lorakit import LoraConfig, add_adapter, fuse_gated_mlps
+    from lorakit import LoraConfig, add_adapter, fuse_for_training
     from lorakit.hf.checkpointing import enable_checkpointing
     from lorakit.train.distributed import World
     from lorakit.train.parallel import base_bytes, wrap
@@ -97,7 +97,7 @@ def worker(args: argparse.Namespace) -> None:
         quantize_model(model)
     torch.manual_seed(0)
     add_adapter(model, LoraConfig(r=16, alpha=32, dropout=0.0, targets=list(TARGETS)))
-    fuse_gated_mlps(model)
+    fuse_for_training(model)  # as lorakit.train does
     if args.gc:
         enable_checkpointing(model)
     gc.collect()

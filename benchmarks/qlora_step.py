@@ -92,7 +92,7 @@ class TrainingSteps:
 
 def training_steps(setting: Setting) -> TrainingSteps:
     """The fp32 and the NF4 model with the same adapter, prepared as lorakit trains."""
-    from lorakit import fuse_gated_mlps
+    from lorakit import fuse_for_training
     from lorakit.quant import quantize_model
 
     base = build_model(setting)
@@ -102,19 +102,9 @@ def training_steps(setting: Setting) -> TrainingSteps:
     models = {FP32: add_lorakit(base, setting), NF4: add_lorakit(quantized, setting)}
     copy_adapter(models[NF4], adapter_tensors(models[FP32]))
     for model in models.values():
-        fuse_gated_mlps(model)  # lorakit.train does this too
-        _group_attention_inputs(model)
+        fuse_for_training(model)  # lorakit.train does this too
         model.train()
     return TrainingSteps(models, quantized)
-
-
-def _group_attention_inputs(model: nn.Module) -> None:
-    """lorakit.train's grouping of q/k/v inputs, where this checkout has it."""
-    try:
-        from lorakit.hf.fused_attention import group_attention_inputs
-    except ImportError:
-        return
-    group_attention_inputs(model)
 
 
 def alternate(steps: TrainingSteps, setting: Setting, rounds: int, warmup: int) -> dict[str, list[dict[str, float]]]:

@@ -47,8 +47,7 @@ from benchmarks.common import (
     tensor_bytes,
     touch,
 )
-from lorakit import fuse_gated_mlps
-from lorakit.hf.fused_attention import group_attention_inputs
+from lorakit import fuse_for_training
 from lorakit.train.chunked_loss import causal_lm_loss
 
 LIBS = ("lorakit", "peft", "base", "forward")
@@ -135,8 +134,7 @@ def attach(model: nn.Module, setting: Setting, lib: str) -> nn.Module:
     if lib in ("lorakit", "peft"):
         model = add_lorakit(model, setting) if lib == "lorakit" else add_peft(model, setting)
         if lib == "lorakit":
-            fuse_gated_mlps(model)  # lorakit.train does this too
-            group_attention_inputs(model)
+            fuse_for_training(model)  # lorakit.train does this too
         return model
     model.requires_grad_(False)
     if lib == "base":
@@ -204,8 +202,7 @@ def _quantize(model: nn.Module) -> dict[str, Any]:
 def loss_check(setting: Setting, steps: int) -> dict[str, Any]:
     """Both libraries in one process, dropout 0, same adapter and batches, steps taken in turn."""
     ours = add_lorakit(build_model(setting), setting, dropout=0.0)
-    fuse_gated_mlps(ours)
-    group_attention_inputs(ours)
+    fuse_for_training(ours)
     theirs = add_peft(build_model(setting), setting, dropout=0.0)
     torch.manual_seed(1)
     copy_adapter(theirs, adapter_tensors(ours))

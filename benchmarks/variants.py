@@ -36,7 +36,7 @@ from benchmarks.common import (
     machine,
     setting_from_args,
 )
-from lorakit import LoraConfig, add_adapter, fuse_gated_mlps
+from lorakit import LoraConfig, add_adapter, fuse_for_training
 from lorakit.train.chunked_loss import causal_lm_loss
 
 CONFIGS = ("lorakit LoRA", "lorakit DoRA", "PEFT LoRA", "PEFT DoRA")
@@ -50,7 +50,7 @@ def adapted(base: nn.Module, name: str, setting: Setting) -> nn.Module:
     if name.startswith("lorakit"):
         add_adapter(model, LoraConfig(r=setting.r, alpha=setting.alpha, dropout=setting.dropout,
                                       targets=list(TARGETS), use_dora=dora))
-        fuse_gated_mlps(model)  # as lorakit.train does
+        fuse_for_training(model)  # as lorakit.train does
         return model
     import peft
 

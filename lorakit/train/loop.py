@@ -33,8 +33,7 @@ from lorakit.data import (
 )
 from lorakit.data.jsonl import FormatChoice
 from lorakit.hf.checkpointing import enable_checkpointing
-from lorakit.hf.fused_attention import group_attention_inputs
-from lorakit.hf.fused_mlp import fuse_gated_mlps
+from lorakit.hf.fuse import fuse_for_training
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import World, broadcast, on_main, start
@@ -129,8 +128,7 @@ def _run(config: TrainConfig, world: World, output_dir: Path, resume_from: Path 
 
         quantize_model(model, config.quantize)
     add_adapter(model, lora)
-    fuse_gated_mlps(model)  # same values, less kept for backward
-    group_attention_inputs(model)  # q/k/v's A sides as one GEMM, same values
+    fuse_for_training(model)  # norms, MLPs and q/k/v's A sides as fused functions: same values, less work
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     if world.is_main:
