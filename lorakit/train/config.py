@@ -114,10 +114,11 @@ class TrainConfig:
     """Several processes (DDP or FSDP2 under torchrun); the YAML `distributed:` section. None: one process."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "targets", parse_targets(self.targets))
+        problems = _kind_problems(self)
+        if _is_targets(self.targets):
+            object.__setattr__(self, "targets", parse_targets(self.targets))
         if isinstance(self.distributed, dict):  # a YAML section or to_dict()'s form
             object.__setattr__(self, "distributed", DistributedConfig.from_dict(self.distributed))
-        problems = []
         positive = ("max_length", "r", "batch_size", "grad_accum", "epochs", "keep_last", "max_new_tokens")
         for name in positive:
             value = getattr(self, name)
@@ -137,16 +138,19 @@ class TrainConfig:
         if self.distributed is not None and not isinstance(self.distributed, DistributedConfig):
             problems.append(f"distributed must be a mapping such as {{strategy: ddp, nproc: 2}}, got "
                             f"{self.distributed!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool)
+                                           or self.max_steps < 1):
             problems.append(f"max_steps must be an integer >= 1 or None, got {self.max_steps!r}")
-        if not self.learning_rate > 0:
-            problems.append(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if not 0 <= self.val_fraction < 1:
+        # _is_real first: YAML can give any type, and an infinite learning rate or decay makes NaN weights.
+        if not (_is_real(self.learning_rate) and self.learning_rate > 0):
+            problems.append(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
+        if not (_is_real(self.val_fraction) and 0 <= self.val_fraction < 1):
             problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
+        if not (_is_real(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            problems.append(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.max_grad_norm is not None and not (_is_real(self.max_grad_norm) and self.max_grad_norm > 0):
+            problems.append(f"max_grad_norm must be a finite number > 0 or None (no clipping), got "
+                            f"{self.max_grad_norm!r}")
         if self.quantize is not None and self.quantize not in QUANT_METHODS:
             problems.append(f"quantize must be one of {', '.join(QUANT_METHODS)} or None, got {self.quantize!r}")
         if self.format not in DATA_FORMATS:
@@ -158,8 +162,8 @@ class TrainConfig:
                             f"16) or None, got {self.loraplus_ratio!r}")
         if not (_is_real(self.loraplus_lr_embedding) and self.loraplus_lr_embedding > 0):
             problems.append(f"loraplus_lr_embedding must be a number > 0, got {self.loraplus_lr_embedding!r}")
-        if not self.weight_decay >= 0:
-            problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (_is_real(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.eval_exact_match and not (self.val_data or self.val_fraction):
             problems.append(f"eval_exact_match={self.eval_exact_match} needs validation records: give val_data "
                             "(--val-data) or val_fraction (--val-fraction)")
@@ -222,6 +226,36 @@ class TrainConfig:
         if isinstance(values["targets"], tuple):
             values["targets"] = list(values["targets"])
         return values
+
+
+# Text fields (output_dir has its own check) with what they accept, and on/off switches: YAML can
+# give any type for them.
+_TEXT_FIELDS = {"data": "a JSONL file's path", "model": "default, a .gguf file or a transformers folder",
+                "val_data": "a JSONL file's path or null", "dtype": "float32, bfloat16, float16 or null",
+                "device": "auto, cpu, cuda or cuda:N"}
+_SWITCHES = ("skip_bad_lines", "pack", "train_on_prompt", "use_rslora", "use_dora", "share_dropout_mask",
+             "gradient_checkpointing", "resume", "overwrite", "progress")
+
+
+def _kind_problems(config: TrainConfig) -> list[str]:
+    """Text where text belongs and True/False for switches: a quoted 'no' would otherwise count as on."""
+    problems = []
+    for name, accepted in _TEXT_FIELDS.items():
+        value = getattr(config, name)
+        if not isinstance(value, str) and not (value is None and name in ("val_data", "dtype")):
+            problems.append(f"{name} must be text ({accepted}), got {value!r}")
+    for name in _SWITCHES:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            problems.append(f"{name} must be true or false, got {value!r}")
+    if not _is_targets(config.targets):
+        problems.append(f"targets must be all-linear, a regular expression or a list of module names, "
+                        f"got {config.targets!r}")
+    return problems
+
+
+def _is_targets(value: object) -> bool:
+    return isinstance(value, str) or (isinstance(value, list | tuple) and all(isinstance(v, str) for v in value))
 
 
 def _is_real(value: object) -> bool:

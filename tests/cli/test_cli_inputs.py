@@ -105,13 +105,32 @@ def test_exact_match_without_validation_data_is_an_error(tmp_path, capsys):
     assert "eval_exact_match=5 needs validation records" in error_line(capsys)
 
 
-@pytest.mark.parametrize("flag,value,expected", [("--alpha", "-1", "alpha must be"), ("--dropout", "1.5", "dropout"),
-                                                 ("--weight-decay", "-0.1", "weight_decay must be >= 0")])
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--alpha", "-1", "alpha must be"), ("--dropout", "1.5", "dropout"),
+    ("--weight-decay", "-0.1", "weight_decay must be a finite number >= 0, got -0.1"),
+    # An infinite step or decay trained to NaN weights and saved them as the adapter.
+    ("--lr", "inf", "learning_rate must be a finite number > 0, got inf"),
+    ("--weight-decay", "inf", "weight_decay must be a finite number >= 0, got inf")])
 def test_settings_are_checked_before_any_slow_work(flag, value, expected, tmp_path, capsys):
     # No model by that name exists: the setting must be refused before the model is looked for.
     assert main(["train", "--data", str(write_data(tmp_path)), "--model", str(tmp_path / "no-model"),
                  "--output-dir", str(tmp_path / "out"), flag, value]) == 1
     assert expected in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("line,expected", [
+    ("resume: 'no'", "resume must be true or false, got 'no'"),  # a quoted 'no' counted as on, and resumed
+    ("targets: 5", "targets must be all-linear, a regular expression or a list of module names, got 5"),
+    ("learning_rate: [0.1]", "learning_rate must be a finite number > 0, got [0.1]"),
+    ("val_data: 3", "val_data must be text (a JSONL file's path or null), got 3"),
+    ("max_steps: true", "max_steps must be an integer >= 1 or None, got True")])
+def test_yaml_values_of_the_wrong_kind_are_named(line, expected, tmp_path, capsys):
+    file = tmp_path / "run.yaml"
+    file.write_text(f"data: {write_data(tmp_path)}\nmodel: {tmp_path / 'no-model'}\noutput_dir: {tmp_path / 'out'}\n"
+                    f"{line}\n")
+    assert main(["train", "--config", str(file)]) == 1
+    assert f"invalid training setting: {expected}" in error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 
