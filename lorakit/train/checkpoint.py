@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,6 +37,7 @@ from lorakit.train.distributed import World, broadcast
 from lorakit.train.parallel import full_tensor, shard_like, whole_trainables
 
 PREFIX = "checkpoint-"
+STATE_KEYS = ("step", "data_position", "scheduler", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 def read_settings(path: Path) -> dict[str, Any] | None:
     """The settings checkpoint `path` was written with; None for checkpoints that predate the record."""
-    settings = json.loads((path / "state.json").read_text()).get("settings")
+    settings = _read_state(path).get("settings")
     return settings if isinstance(settings, dict) else None
 
 
@@ -102,10 +104,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     world = world or World()
     files = None
     if world.is_main:
-        files = {"state": json.loads((path / "state.json").read_text()),
-                 "trainable": load_file(str(path / "trainable.safetensors")),
-                 "optimizer": load_file(str(path / "optimizer.safetensors")),
-                 "rng": load_file(str(path / "rng.safetensors"))}
+        files = {"state": _read_state(path)}
+        for name in ("trainable", "optimizer", "rng"):
+            try:
+                files[name] = load_file(str(path / f"{name}.safetensors"))
+            except (OSError, SafetensorError) as err:
+                raise _damaged(path, f"{name}.safetensors: {err}") from None
     files = broadcast(world, files)
     assert files is not None
     state, trainable = files["state"], files["trainable"]
@@ -122,6 +126,25 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_states(files["rng"], world.rank)
     return Restored(step=int(state["step"]), data_position=state["data_position"], path=path)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """state.json of checkpoint `path`, with the keys resume reads."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        raise _damaged(path, f"state.json: {err}") from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise _damaged(path, f"state.json lacks {', '.join(missing)}")
+    return state
+
+
+def _damaged(path: Path, problem: str) -> ValueError:
+    """A checkpoint that cannot be read (a disk fault, a hand edit): say which, and the way on."""
+    older = [p.name for p in list_checkpoints(path.parent) if p.name != path.name]
+    way = f"delete it to resume from {older[-1]}" if older else "delete it to start over"
+    return ValueError(f"checkpoint {path} is damaged ({problem}); {way}, or pass --overwrite to start the run over")
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -136,6 +136,11 @@ def _settle_previous_run(path: Path, config: TrainConfig, say: Callable[[str], N
             raise ValueError(f"cannot resume the run in {path}: " + "; ".join(
                 f"{source.name} has {key}={old!r}, this run asks {key}={new!r}" for key, old, new in differences)
                 + ". Resume with the same settings, or pass --overwrite to start over")
+        if not checkpoints and (path / "adapter").exists():
+            # Starting fresh would replace a finished run's adapter with a new one.
+            raise ValueError(f"cannot resume the run in {path}: it has no checkpoint (it was trained without "
+                             "--save-every), only its finished adapter/, which a fresh start would replace. Pass "
+                             "--overwrite to start over, or choose another --output-dir")
         if not checkpoints:
             say(f"--resume: no checkpoint in {path}; starting fresh")
         return checkpoints[-1] if checkpoints else None

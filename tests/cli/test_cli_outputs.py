@@ -1,0 +1,32 @@
+"""What the command line writes: a careless command never replaces finished work, and a bad output path is one line."""
+
+import pytest
+
+from lorakit.cli.main import main
+from tests.cli.test_cli_inputs import error_line, train_args
+from tests.train.helpers import write_data
+
+
+def test_resume_of_a_finished_run_without_checkpoints_keeps_its_adapter(model_dir, tmp_path, capsys):
+    data, out = write_data(tmp_path), tmp_path / "out"
+    assert main(train_args(model_dir, data, out)) == 0  # no --save-every: no checkpoint, only adapter/
+    weights = out / "adapter" / "adapter_model.safetensors"
+    before = weights.read_bytes()
+    capsys.readouterr()
+    assert main(train_args(model_dir, data, out, "--resume")) == 1
+    err = error_line(capsys)
+    assert "has no checkpoint" in err and "--overwrite" in err
+    assert weights.read_bytes() == before
+
+
+@pytest.mark.parametrize("file", ["optimizer.safetensors", "state.json"])
+def test_resume_from_a_damaged_checkpoint_names_it_and_the_one_before(file, model_dir, tmp_path, capsys):
+    data, out = write_data(tmp_path), tmp_path / "out"
+    assert main(train_args(model_dir, data, out, "--save-every", "1")) == 0  # checkpoint-1 and checkpoint-2
+    damaged = out / "checkpoint-2" / file
+    damaged.write_bytes(damaged.read_bytes()[:50])  # a torn copy, a full disk
+    capsys.readouterr()
+    assert main(train_args(model_dir, data, out, "--save-every", "1", "--resume")) == 1
+    err = error_line(capsys)
+    assert f"checkpoint {out / 'checkpoint-2'} is damaged ({file}: " in err
+    assert "delete it to resume from checkpoint-1" in err
