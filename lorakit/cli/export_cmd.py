@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 EXAMPLES = """examples:
   lorakit export runs/demo/adapter --format gguf -o demo.gguf
@@ -31,10 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.core.files import check_parent
     from lorakit.gguf.export_adapter import export_adapter
 
     if args.format != "gguf":
         raise ValueError(f"unknown --format {args.format!r}; accepted: gguf")
+    check_parent(Path(args.output), "--output")  # before the base model is read
     report = export_adapter(args.adapter, args.output, base=args.base, outtype=args.outtype)
     types = ", ".join(f"{count} {name}" for name, count in sorted(report.types.items()))
     folded = f"; {report.folded} scale(s) folded into lora_b" if report.folded else ""

@@ -28,10 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from lorakit.core.files import check_parent
     from lorakit.core.merge import merge_and_unload
     from lorakit.hf.saving import save_merged
 
     output = Path(args.output)
+    check_parent(output, "--output")  # before the model loads
     if output.suffix.lower() == ".gguf":
         return _merge_gguf(args, output)
     if args.outtype is not None:

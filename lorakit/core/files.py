@@ -45,6 +45,24 @@ def fresh_temp_folder(folder: Path, kind: str) -> Path:
     return fresh
 
 
+def check_parent(path: Path, name: str = "") -> None:
+    """Refuse `path` when a folder on its way is a file (`train.jsonl/out`), before any slow work.
+
+    Args:
+        path: a file or folder to be created.
+        name: how the caller's user named it (e.g. "--output"), for the message.
+
+    Raises:
+        ValueError: the nearest existing ancestor of `path` is not a folder.
+    """
+    for parent in path.parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise ValueError(f"{name + ' ' if name else ''}{path} cannot be created: {parent} is a file, not a "
+                                 "folder; choose a path in a folder")
+            return
+
+
 def write_folder_atomically(folder: Path, write: Callable[[Path], None], *,
                             replaceable: Collection[str] | None = None, merge_order: Sequence[str] = ()) -> None:
     """Run `write` into a fresh temporary folder beside `folder`, then move the result into place.
@@ -64,7 +82,9 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], *,
 
     Raises:
         FileExistsError: `folder` holds other files and `merge_order` is empty.
+        ValueError: a folder on the way to `folder` is a file.
     """
+    check_parent(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_temp_folder(folder, "tmp")
     try:

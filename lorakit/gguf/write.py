@@ -7,7 +7,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from lorakit.core.files import fsync_path
+from lorakit.core.files import check_parent, fsync_path
 
 
 def check_output(path: str | os.PathLike[str], *sources: Path | None) -> Path:
@@ -34,6 +34,7 @@ def write_gguf_atomically(writer: Any, path: Path) -> int:
     Returns:
         The size of the file written, in bytes.
     """
+    check_parent(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:

@@ -30,3 +30,15 @@ def test_resume_from_a_damaged_checkpoint_names_it_and_the_one_before(file, mode
     err = error_line(capsys)
     assert f"checkpoint {out / 'checkpoint-2'} is damaged ({file}: " in err
     assert "delete it to resume from checkpoint-1" in err
+
+
+@pytest.mark.parametrize("command", ["merge", "merge-gguf", "export"])
+def test_an_output_inside_a_file_is_refused_before_the_model_loads(command, tmp_path, capsys):
+    # The model does not exist: the output path must be refused first (it was "[Errno 17] File exists", after loading).
+    file = write_data(tmp_path)
+    output = file / ("out.gguf" if command != "merge" else "merged")
+    args = {"merge": ["merge", "--model", str(tmp_path / "no-model"), "--adapter", str(tmp_path), "--output"],
+            "merge-gguf": ["merge", "--adapter", str(tmp_path), "--output"],
+            "export": ["export", str(tmp_path), "--base", str(tmp_path / "no-model"), "-o"]}[command]
+    assert main([*args, str(output)]) == 1
+    assert f"--output {output} cannot be created: {file} is a file, not a folder" in error_line(capsys)
