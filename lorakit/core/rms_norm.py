@@ -56,7 +56,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, weight, r = ctx.saved_tensors
         need_x, need_weight = ctx.needs_input_grad[:2]
-        # Autocast would run the row dot products below in half precision; this is fp32 (or wider) work.
+        # This is fp32 (or wider) work: autocast must not run any of it in half precision.
         with torch.autocast(grad.device.type, enabled=False):
             x32 = _widened(x)
             grad_weight = None
@@ -67,9 +67,8 @@ class RMSNormFunction(torch.autograd.Function):
             if need_x:
                 # d/dh of w * h, cast back through h's casts as autograd would: (g w) in x's dtype, then fp32
                 gw = (grad * weight).to(x.dtype).to(x32.dtype)  # a new tensor: written in place below
-                n = x.shape[-1]
-                dot = torch.bmm(gw.reshape(-1, 1, n), x32.reshape(-1, n, 1)).reshape(r.shape)  # (g w) . x per row
-                coef = dot.mul_(r.pow(3)).div_(-n)
+                dot = torch.linalg.vecdot(gw, x32).unsqueeze(-1)  # (g w) . x per row, (..., 1)
+                coef = dot.mul_(r.pow(3)).div_(-x.shape[-1])
                 grad_x = gw.mul_(r).addcmul_(x32, coef).to(x.dtype)
         return grad_x, grad_weight, None
 
