@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
+from pathlib import Path
 
 from lorakit.cli.common import number_at_least
 
@@ -41,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.serve.server import serve
 
     adapters = parse_adapters(args.adapter)
+    if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
+        state = "is a file" if Path(args.adapter_dir).exists() else "does not exist"
+        raise ValueError(f"--adapter-dir {args.adapter_dir} {state}; give the folder that holds the adapter folders "
+                         "requests may load")
+    check_address(args.host, args.port)  # before the model loads, not after
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     engine = Engine(model, tokenizer, args.model, adapters, args.adapter_dir, args.max_batch, args.max_queue)
     names = ", ".join(engine.registry.names())
@@ -62,6 +69,21 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
                              "give each adapter its own name")
         adapters[name] = path
     return adapters
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse an address this server could not listen on (a port in use, an unknown host), in one line.
+
+    A probe: the port is free again at once, and uvicorn binds it the same way (SO_REUSEADDR).
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as err:  # socket.gaierror too
+        raise ValueError(f"cannot listen on --host {host} --port {port}: {err.strerror or err}; choose another "
+                         "--port (0: any free port) or --host") from None
 
 
 def _port(text: str) -> int:

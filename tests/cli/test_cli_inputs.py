@@ -2,6 +2,7 @@
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -215,3 +216,16 @@ def test_separate_dropout_masks_flag(model_dir, tmp_path):
     assert main(train_args(model_dir, data, tmp_path / "out", "--separate-dropout-masks")) == 0
     settings = json.loads((tmp_path / "out" / "run.json").read_text())["settings"]
     assert settings["share_dropout_mask"] is False
+
+
+def test_serve_refuses_a_busy_port_and_a_missing_adapter_dir_before_the_model_loads(tmp_path, capsys):
+    # The model does not exist: each problem must be found first (they surfaced only after loading it).
+    model = str(tmp_path / "no-model")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--model", model, "--port", port]) == 1
+    assert f"cannot listen on --host 127.0.0.1 --port {port}: Address already in use" in error_line(capsys)
+    assert main(["serve", "--model", model, "--port", "0", "--adapter-dir", str(tmp_path / "none")]) == 1
+    assert f"--adapter-dir {tmp_path / 'none'} does not exist" in error_line(capsys)
