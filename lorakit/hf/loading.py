@@ -131,6 +131,10 @@ def check_model_folder(folder: Path) -> None:
             raise ValueError(f"weights file {file} is corrupt or truncated: {error}") from error
 
 
+# The files AutoTokenizer reads a tokenizer from (one is enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Read tokenizer and model from a checked transformers folder, never touching the network."""
     from safetensors import SafetensorError
@@ -140,7 +144,12 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"could not load a tokenizer from {folder}: {error}") from error
+            if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+                raise ValueError(f"could not load a tokenizer from {folder}: it holds none of "
+                                 f"{', '.join(TOKENIZER_FILES)}; save one there with tokenizer.save_pretrained"
+                                 "(folder)") from error
+            # transformers' messages can run over several lines: one line, as every lorakit error.
+            raise ValueError(f"could not load a tokenizer from {folder}: {' '.join(str(error).split())}") from error
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, local_files_only=True, use_safetensors=True

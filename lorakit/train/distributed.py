@@ -230,7 +230,9 @@ def _device(asked: str, local_rank: int) -> torch.device:
     """The device of this rank: `auto` is cuda:<local rank> when CUDA is present, else the CPU."""
     if asked == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(asked)
+    from lorakit.hf.devices import resolve_device
+
+    device = resolve_device(asked)  # "cuda:x" is one line naming the accepted spellings, not torch's error
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", local_rank)
     return device

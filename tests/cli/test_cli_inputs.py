@@ -111,7 +111,8 @@ def test_exact_match_without_validation_data_is_an_error(tmp_path, capsys):
     ("--weight-decay", "-0.1", "weight_decay must be a finite number >= 0, got -0.1"),
     # An infinite step or decay trained to NaN weights and saved them as the adapter.
     ("--lr", "inf", "learning_rate must be a finite number > 0, got inf"),
-    ("--weight-decay", "inf", "weight_decay must be a finite number >= 0, got inf")])
+    ("--weight-decay", "inf", "weight_decay must be a finite number >= 0, got inf"),
+    ("--device", "cuda:x", "unknown device 'cuda:x'; accepted: \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")])
 def test_settings_are_checked_before_any_slow_work(flag, value, expected, tmp_path, capsys):
     # No model by that name exists: the setting must be refused before the model is looked for.
     assert main(["train", "--data", str(write_data(tmp_path)), "--model", str(tmp_path / "no-model"),
@@ -229,3 +230,12 @@ def test_serve_refuses_a_busy_port_and_a_missing_adapter_dir_before_the_model_lo
     assert f"cannot listen on --host 127.0.0.1 --port {port}: Address already in use" in error_line(capsys)
     assert main(["serve", "--model", model, "--port", "0", "--adapter-dir", str(tmp_path / "none")]) == 1
     assert f"--adapter-dir {tmp_path / 'none'} does not exist" in error_line(capsys)
+
+
+def test_a_model_folder_without_a_tokenizer_says_so_in_one_line(model_dir, tmp_path, capsys):
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((model_dir / name).read_bytes())
+    assert main(["generate", "--model", str(folder), "--prompt", "hi"]) == 1  # was transformers' 5-line message
+    assert f"could not load a tokenizer from {folder}: it holds none of tokenizer.json, " in error_line(capsys)
