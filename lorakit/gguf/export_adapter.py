@@ -69,8 +69,9 @@ def export_adapter(adapter: str | os.PathLike[str], output: str | os.PathLike[st
     from gguf import GGUFWriter
 
     qtype = parse_outtype(outtype, ADAPTER_OUTTYPES)
-    path = check_output(output)
+    check_output(output)  # a folder or a file that is no GGUF: refused before the base is read
     info = describe_base(base)
+    path = check_output(output, info.gguf_path)  # and never over the base GGUF itself
     pairs = read_lora_pairs(adapter, info, "export")
     alpha = file_alpha(pairs)
     writer = GGUFWriter(None, info.arch.gguf_name)

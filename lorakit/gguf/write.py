@@ -11,18 +11,31 @@ from lorakit.core.files import check_parent, fsync_path
 
 
 def check_output(path: str | os.PathLike[str], *sources: Path | None) -> Path:
-    """The output path, refused when it is a folder or one of the files being read.
+    """The output path, refused when it is a folder, one of the files being read, or a file not a GGUF.
 
     Raises:
-        ValueError: `path` is an existing folder, or the same file as one of `sources`.
+        ValueError: `path` is an existing folder, an existing file that is not a GGUF file and
+            not named .gguf (an adapter's safetensors, a data file: replacing it would lose it), or
+            the same file as one of `sources`.
     """
     output = Path(path).expanduser()
     if output.is_dir():
         raise ValueError(f"output {output} is a folder; give a file path such as {output / 'model.gguf'}")
+    if output.is_file() and output.suffix.lower() != ".gguf" and not _starts_as_gguf(output):
+        raise ValueError(f"output {output} exists and is not a GGUF file; lorakit replaces only .gguf files, so "
+                         "choose another path such as adapter.gguf")
     for source in sources:
         if source is not None and output.exists() and output.resolve() == source.resolve():
             raise ValueError(f"output {output} is the file being read; give another path")
     return output
+
+
+def _starts_as_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def write_gguf_atomically(writer: Any, path: Path) -> int:

@@ -42,3 +42,17 @@ def test_an_output_inside_a_file_is_refused_before_the_model_loads(command, tmp_
             "export": ["export", str(tmp_path), "--base", str(tmp_path / "no-model"), "-o"]}[command]
     assert main([*args, str(output)]) == 1
     assert f"--output {output} cannot be created: {file} is a file, not a folder" in error_line(capsys)
+
+
+def test_export_never_writes_over_a_file_that_is_not_a_gguf(model_dir, tmp_path, capsys):
+    data, out = write_data(tmp_path), tmp_path / "out"
+    assert main(train_args(model_dir, data, out)) == 0
+    weights = out / "adapter" / "adapter_model.safetensors"
+    kept = {weights: weights.read_bytes(), data: data.read_bytes()}
+    for target in kept:  # both were replaced by the GGUF file, losing the adapter or the data
+        capsys.readouterr()
+        assert main(["export", str(out), "--base", str(model_dir), "-o", str(target)]) == 1
+        assert f"output {target} exists and is not a GGUF file" in error_line(capsys)
+    assert all(file.read_bytes() == before for file, before in kept.items())
+    assert main(["export", str(out), "--base", str(model_dir), "-o", str(tmp_path / "a.gguf")]) == 0
+    assert main(["export", str(out), "--base", str(model_dir), "-o", str(tmp_path / "a.gguf")]) == 0  # its own file

@@ -141,6 +141,15 @@ def test_interrupted_write_keeps_the_old_file(tmp_path: Path, llama_folder: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "ad"]
 
 
+def test_export_never_writes_over_its_base_gguf(tmp_path: Path, llama_gguf: Path) -> None:
+    base = tmp_path / "base.gguf"
+    base.write_bytes(llama_gguf.read_bytes())
+    adapter = save(adapted_llama(CONFIGS["plain"]), tmp_path / "ad")
+    with pytest.raises(ValueError, match="is the file being read"):  # it replaced the base model
+        export_adapter(adapter, base, base=str(base))
+    assert base.read_bytes() == llama_gguf.read_bytes()
+
+
 def _edit_config(folder: Path, **changes: object) -> Path:
     path = folder / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
