@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 
 from lorakit.cli.common import add_model_arguments, load_with_adapters, number_at_least
 
@@ -38,8 +39,18 @@ def run(args: argparse.Namespace) -> int:
         answer(args.prompt)
         return 0
     print("chat: one message per line; an empty line or Ctrl-D ends", file=sys.stderr)
-    for line in sys.stdin:
+    for line in _utf8_lines():
         if not line.strip():
             break
         answer(line.rstrip("\n"))
     return 0
+
+
+def _utf8_lines() -> Iterator[str]:
+    """Standard input's lines; one clear error for bytes that are not UTF-8 (a tokenizer's own is cryptic)."""
+    try:
+        for line in sys.stdin:
+            line.encode("utf-8")  # a C locale hands undecodable bytes over as lone surrogates
+            yield line
+    except UnicodeError:  # a strict UTF-8 stdin fails on reading already
+        raise ValueError("standard input is not valid UTF-8 text; send UTF-8") from None

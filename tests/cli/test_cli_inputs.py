@@ -1,5 +1,6 @@
 """The command line as a hostile user tries it: each bad input is one clear line, each odd one does what it says."""
 
+import io
 import json
 import signal
 import socket
@@ -239,3 +240,10 @@ def test_a_model_folder_without_a_tokenizer_says_so_in_one_line(model_dir, tmp_p
         (folder / name).write_bytes((model_dir / name).read_bytes())
     assert main(["generate", "--model", str(folder), "--prompt", "hi"]) == 1  # was transformers' 5-line message
     assert f"could not load a tokenizer from {folder}: it holds none of tokenizer.json, " in error_line(capsys)
+
+
+def test_chat_input_that_is_not_utf8_is_one_line(model_dir, monkeypatch, capsys):
+    # A C locale hands the bytes b"\xff\xfe" over as lone surrogates: the tokenizer's TypeError named neither.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\udcff\udcfe\n"))
+    assert main(["generate", "--model", str(model_dir), "--max-new-tokens", "2"]) == 1
+    assert "standard input is not valid UTF-8 text" in error_line(capsys)
