@@ -129,9 +129,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise ValueError(f"--config {path}: no such file")
+        raise ValueError(f"--config {path}: {'is a folder; give a YAML file' if path.is_dir() else 'no such file'}")
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path} is not UTF-8 text; give a YAML file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

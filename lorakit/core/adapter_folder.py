@@ -78,10 +78,19 @@ def check_adapter_files(folder: Path) -> None:
     for needed in (config_path, weights_path):
         if not needed.is_file():
             run = folder / RUN_ADAPTER
-            hint = (f"; {folder} looks like a training run's folder, whose adapter is {run}"
-                    if run.is_dir() else "")
+            saved = _checkpoint_adapters(folder)
+            hint = (f"; {folder} looks like a training run's folder, whose adapter is {run}" if run.is_dir() else
+                    f"; {folder} holds a training run's checkpoints but no final adapter (the run did not finish): "
+                    f"give a checkpoint's, such as {saved[-1]}" if saved else "")
             raise FileNotFoundError(f"{folder} is not an adapter folder: {needed.name} is missing "
                                     f"(an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}){hint}")
+
+
+def _checkpoint_adapters(folder: Path) -> list[Path]:
+    """The adapters in a run folder's checkpoint-<step>/ folders (train/checkpoint.py), oldest first."""
+    found = [(int(p.parent.name.split("-", 1)[1]), p) for p in folder.glob(f"checkpoint-*/{RUN_ADAPTER}")
+             if p.parent.name.split("-", 1)[1].isdigit() and (p / CONFIG_FILE).is_file()]
+    return [p for _, p in sorted(found)]
 
 
 def read_config_json(folder: Path) -> object:

@@ -247,3 +247,20 @@ def test_chat_input_that_is_not_utf8_is_one_line(model_dir, monkeypatch, capsys)
     monkeypatch.setattr(sys, "stdin", io.StringIO("\udcff\udcfe\n"))
     assert main(["generate", "--model", str(model_dir), "--max-new-tokens", "2"]) == 1
     assert "standard input is not valid UTF-8 text" in error_line(capsys)
+
+
+def test_a_config_that_is_a_folder_or_not_text_says_so(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path)]) == 1
+    assert f"--config {tmp_path}: is a folder" in error_line(capsys)  # was "no such file"
+    file = tmp_path / "run.yaml"
+    file.write_bytes(b"\xff\xfe")
+    assert main(["train", "--config", str(file)]) == 1
+    assert f"--config {file} is not UTF-8 text" in error_line(capsys)  # was a bare codec message
+
+
+def test_a_run_folder_with_only_checkpoints_points_at_their_adapters(tmp_path, capsys):
+    for step in (2, 10):  # a run stopped before its final adapter/
+        (tmp_path / f"checkpoint-{step}" / "adapter").mkdir(parents=True)
+        (tmp_path / f"checkpoint-{step}" / "adapter" / "adapter_config.json").write_text("{}")
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert f"give a checkpoint's, such as {tmp_path / 'checkpoint-10' / 'adapter'}" in error_line(capsys)
