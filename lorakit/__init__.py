@@ -32,7 +32,6 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "lorakit.hf",
     "fuse_gated_mlps": "lorakit.hf.fused_mlp",
-    "fuse_rms_norms": "lorakit.hf.fused_norms",
     "fuse_for_training": "lorakit.hf.fuse",
     "group_attention_inputs": "lorakit.hf.fused_attention",
 }
@@ -58,7 +57,6 @@ __all__ = [
     "disable_adapters",
     "fuse_for_training",
     "fuse_gated_mlps",
-    "fuse_rms_norms",
     "group_attention_inputs",
     "list_adapters",
     "load_adapter",

@@ -128,7 +128,7 @@ def _run(config: TrainConfig, world: World, output_dir: Path, resume_from: Path 
 
         quantize_model(model, config.quantize)
     add_adapter(model, lora)
-    fuse_for_training(model)  # norms, MLPs and q/k/v's A sides as fused functions: same values, less work
+    fuse_for_training(model)  # MLPs and q/k/v's A sides as fused functions: same values, less work
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     if world.is_main:
