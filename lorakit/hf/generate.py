@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lorakit.hf.context import model_context, tokens_to_generate
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from transformers.generation.streamers import BaseStreamer
@@ -34,7 +36,8 @@ def generate_text(
         tokenizer: Its tokenizer.
         prompts: The prompts, one completion each. A single prompt still goes in a list.
         max_new_tokens: Upper bound on generated tokens per prompt; generation stops earlier at
-            the model's end-of-sequence token.
+            the model's end-of-sequence token. The longest prompt plus this must fit the model's
+            context.
         chat: If True, wrap each prompt as one user message with the tokenizer's chat template
             (and the assistant header after it); if False, continue the raw text.
         stream: For a single prompt only: a callable that receives each piece of new text as it
@@ -51,8 +54,9 @@ def generate_text(
             callable nor a streamer.
         ValueError: If `prompts` is empty or a prompt tokenizes to nothing, `max_new_tokens` < 1,
             `stream` is given for more than one prompt, `chat` is True but the tokenizer has no
-            chat template, or a batch needs padding and the tokenizer has neither pad nor eos
-            token.
+            chat template, a batch needs padding and the tokenizer has neither pad nor eos
+            token, or the (longest) prompt plus `max_new_tokens` does not fit the model's context
+            (`max_position_embeddings`, the rule `lorakit serve` applies).
     """
     prompts = _check_prompts(prompts)
     if max_new_tokens < 1:
@@ -73,6 +77,8 @@ def generate_text(
             f"prompts at indices {empty} are empty after tokenization; give some text to continue"
         )
     input_ids, attention_mask = left_pad(rows, pad_token_id if pad_token_id is not None else 0)
+    # Checked before generating: a rotary model decodes on past its context without complaint.
+    tokens_to_generate(input_ids.shape[1], max_new_tokens, model_context(model), "max_new_tokens")
     options: dict[str, Any] = {"do_sample": False, **generate_kwargs}
 
     with _eval_mode(model):

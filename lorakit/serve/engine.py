@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from lorakit.hf.context import PromptTooLong, model_context, tokens_to_generate
 from lorakit.serve.adapters import AdapterRegistry
 from lorakit.serve.metrics import Metrics
 from lorakit.serve.scheduler import Scheduler
@@ -46,8 +47,7 @@ class Engine:
         for name, path in (adapters or {}).items():
             self.registry.add(name, path)
         self.scheduler = Scheduler(model, max_batch, max_queue, self.metrics, lock)
-        config = model.config  # type: ignore[union-attr]
-        self.context = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self.context = model_context(model)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -55,17 +55,15 @@ class Engine:
     def start_request(self, request: GenerationRequest, notify: Callable[[], None]) -> Sequence:
         """A queued Sequence for `request`; ApiError for an unknown model, a too-long prompt or a full queue."""
         ids = self.prompt_ids(request)
-        room = self.context - len(ids)
-        if room < 1:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens, longer than the model's context of {self.context} "
-                                "tokens (with room for one new token); shorten it", "messages" if request.chat else "prompt")
-        if request.max_tokens is not None and request.max_tokens > room:
-            raise ApiError(400, f"max_tokens={request.max_tokens} does not fit: the prompt is {len(ids)} tokens and the "
-                                f"model's context is {self.context} tokens, so at most {room} can be generated",
-                           "max_tokens")
+        try:
+            budget = tokens_to_generate(len(ids), request.max_tokens, self.context, "max_tokens")
+        except PromptTooLong as error:
+            raise ApiError(400, str(error), "messages" if request.chat else "prompt") from None
+        except ValueError as error:
+            raise ApiError(400, str(error), "max_tokens") from None
         with self.registry.lock:
             adapter = self.registry.resolve(request.model)
-            sequence = Sequence(request, adapter, ids, request.max_tokens or room, self.eos_ids, self._decode, notify)
+            sequence = Sequence(request, adapter, ids, budget, self.eos_ids, self._decode, notify)
             self.scheduler.submit(sequence)
         return sequence
 

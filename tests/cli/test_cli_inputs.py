@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -264,3 +265,17 @@ def test_a_run_folder_with_only_checkpoints_points_at_their_adapters(tmp_path, c
         (tmp_path / f"checkpoint-{step}" / "adapter" / "adapter_config.json").write_text("{}")
     assert main(["inspect", str(tmp_path)]) == 1
     assert f"give a checkpoint's, such as {tmp_path / 'checkpoint-10' / 'adapter'}" in error_line(capsys)
+
+
+def test_generate_refuses_more_new_tokens_than_the_context_holds_as_serve_does(model_dir, capsys):
+    # The tiny model has 128 positions; a rotary model decoded on past them until killed.
+    assert main(["generate", "--model", str(model_dir), "--raw", "--prompt", "one two", "--max-new-tokens", "200"]) == 1
+    line = error_line(capsys)
+    match = re.search(r"max_new_tokens=200 does not fit: the prompt is (\d+) tokens and the model's context is "
+                      r"128 tokens, so at most (\d+) can be generated", line)
+    assert match, line
+    prompt, room = int(match[1]), int(match[2])
+    assert prompt + room == 128
+    # The limit itself is accepted (and the tiny model greedily decodes that far without stopping).
+    assert main(["generate", "--model", str(model_dir), "--raw", "--prompt", "one two",
+                 "--max-new-tokens", str(room)]) == 0
