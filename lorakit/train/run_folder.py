@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.core.files import remove_stale_temps
+from lorakit.core.files import check_parent, remove_stale_temps
 from lorakit.train.checkpoint import list_checkpoints, read_settings
 from lorakit.train.config import TrainConfig
 from lorakit.train.run_lock import RunLock
@@ -82,6 +82,7 @@ def claim_run_folder(config: TrainConfig, say: Callable[[str], None], world_size
     path = Path(config.output_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"output_dir {path} is a file; give a folder (it is created when missing)")
+    check_parent(path, "output_dir")  # data.jsonl/sub: merge's and export's words, not mkdir's "Not a directory"
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,14 @@ def test_an_output_inside_a_file_is_refused_before_the_model_loads(command, tmp_
     assert f"--output {output} cannot be created: {file} is a file, not a folder" in error_line(capsys)
 
 
+def test_a_train_output_dir_inside_a_file_reads_as_merge_and_export_do(tmp_path, capsys):
+    # The model does not exist: the folder is refused before it loads (it was mkdir's "Not a directory").
+    data = write_data(tmp_path)
+    output = data / "sub"
+    assert main(train_args(tmp_path / "no-model", data, output)) == 1
+    assert f"output_dir {output} cannot be created: {data} is a file, not a folder" in error_line(capsys)
+
+
 def test_export_never_writes_over_a_file_that_is_not_a_gguf(model_dir, tmp_path, capsys):
     data, out = write_data(tmp_path), tmp_path / "out"
     assert main(train_args(model_dir, data, out)) == 0
