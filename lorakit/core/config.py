@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -91,14 +91,16 @@ class LoraConfig:
     same either way, and the setting is not written to adapter_config.json."""
 
     def __post_init__(self) -> None:
-        for name in ("targets", "exclude", "modules_to_save"):
+        # Only values of the right kind are normalised; any other is left as given, so that
+        # _problems names it (targets=5 was "'int' object is not iterable" from tuple()).
+        for name in ("targets", "exclude", "modules_to_save", "layers"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
+            if _is_list_like(value):
                 object.__setattr__(self, name, tuple(value))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, dict(value))
         problems = self._problems()
         if problems:
             raise ValueError("invalid LoraConfig:\n  " + "\n  ".join(problems))
@@ -109,32 +111,37 @@ class LoraConfig:
             problems.append(f"r must be an integer >= 1, got {self.r!r}")
         if not _is_number(self.alpha) or self.alpha <= 0:
             problems.append(f"alpha must be a number > 0, got {self.alpha!r}")
-        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+        if not _is_real(self.dropout):
+            problems.append(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        elif not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.bias not in BIAS_MODES:
             problems.append(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
-        if not isinstance(self.share_dropout_mask, bool):
-            problems.append(f"share_dropout_mask must be True or False, got {self.share_dropout_mask!r}")
-        if not isinstance(self.use_dora, bool):
-            problems.append(f"use_dora must be True or False, got {self.use_dora!r}")
+        for name in ("use_rslora", "allow_requantize", "use_dora", "share_dropout_mask"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not is_init(self.init):
             problems.append(f"init must be one of {', '.join(INIT_MODES + SVD_INITS)} (N an integer >= 1, e.g. "
                             f"pissa_niter_4), got {self.init!r}")
         problems += _pattern_problems("targets", self.targets, allow_none=False)
         problems += _pattern_problems("exclude", self.exclude, allow_none=True)
-        problems += _pattern_problems("modules_to_save", self.modules_to_save, allow_none=True)
-        if isinstance(self.modules_to_save, str):
+        if self.modules_to_save is not None and not (isinstance(self.modules_to_save, tuple)
+                                                     and all(isinstance(v, str) and v for v in self.modules_to_save)):
             problems.append(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
-        if self.layers is not None and not all(_is_int(i) and i >= 0 for i in self.layers):
+        if self.layers is not None and not isinstance(self.layers, tuple):
+            problems.append(f"layers must be a list of non-negative block indices (e.g. [0, 1]), got {self.layers!r}")
+        elif self.layers is not None and not all(_is_int(i) and i >= 0 for i in self.layers):
             problems.append(f"layers must be non-negative block indices, got {list(self.layers)!r}")
-        for key, rank in self.rank_pattern.items():
-            if not _is_int(rank) or rank < 1:
-                problems.append(f"rank_pattern[{key!r}] must be an integer >= 1, got {rank!r}")
-            problems += _regex_problems(f"rank_pattern key {key!r}", key)
-        for key, alpha in self.alpha_pattern.items():
-            if not _is_number(alpha) or alpha <= 0:
-                problems.append(f"alpha_pattern[{key!r}] must be a number > 0, got {alpha!r}")
-            problems += _regex_problems(f"alpha_pattern key {key!r}", key)
+        problems += _mapping_problems("rank_pattern", self.rank_pattern, "rank", {"v_proj": 4})
+        problems += _mapping_problems("alpha_pattern", self.alpha_pattern, "alpha", {"v_proj": 16})
+        if isinstance(self.rank_pattern, dict):
+            for key, rank in self.rank_pattern.items():
+                if not _is_int(rank) or rank < 1:
+                    problems.append(f"rank_pattern[{key!r}] must be an integer >= 1, got {rank!r}")
+        if isinstance(self.alpha_pattern, dict):
+            for key, alpha in self.alpha_pattern.items():
+                if not _is_number(alpha) or alpha <= 0:
+                    problems.append(f"alpha_pattern[{key!r}] must be a number > 0, got {alpha!r}")
         return problems
 
     def rank_for(self, path: str) -> int:
@@ -178,8 +185,31 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return _is_real(value) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _is_list_like(value: object) -> bool:
+    """A list, tuple or set of items (what tuple() reads item by item); text, bytes and mappings are not."""
+    return isinstance(value, Iterable) and not isinstance(value, str | bytes | Mapping)
+
+
+def _mapping_problems(name: str, value: object, what: str, example: dict[str, int]) -> list[str]:
+    """Problems of a `rank_pattern`-like field's kind and keys (each value is checked by the caller)."""
+    if not isinstance(value, dict):
+        return [f"{name} must be a mapping of module-path regular expression to {what} (e.g. {example!r}), "
+                f"got {value!r}"]
+    problems = []
+    for key in value:
+        if isinstance(key, str):
+            problems += _regex_problems(f"{name} key {key!r}", key)
+        else:
+            problems.append(f"{name} keys must be regular expressions (text), got {key!r}")
+    return problems
 
 
 def _pattern_problems(name: str, value: object, allow_none: bool) -> list[str]:
@@ -187,9 +217,10 @@ def _pattern_problems(name: str, value: object, allow_none: bool) -> list[str]:
         return [] if allow_none else [f"{name} must be given"]
     if isinstance(value, str):
         return [] if value == ALL_LINEAR else _regex_problems(name, value)
-    if not all(isinstance(v, str) and v for v in value):  # type: ignore[attr-defined]
+    # Lists were made tuples in __post_init__: anything else here is of the wrong kind (5, b"q_proj").
+    if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
         return [f"{name} must be a regular expression or a list of module names, got {value!r}"]
-    if len(value) == 0 and not allow_none:  # type: ignore[arg-type]
+    if len(value) == 0 and not allow_none:
         return [f"{name} must not be an empty list"]
     return []
 
