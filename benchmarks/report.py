@@ -61,6 +61,22 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         ratio = qlora[0]["quantized_linear_bytes_fp"] / qlora[0]["quantized_linear_bytes_nf4"]
         rows.append(_row("QLoRA: quantized linear weights, fp32 bytes / NF4 bytes", f"{ratio:.2f}x", "-", None,
                          "about 7.5x (>= 7.5x)", ratio >= 7.5))
+    return rows + _cuda_rows(results.get("cuda", {}))
+
+
+def _cuda_rows(cuda: dict[str, Any]) -> list[dict[str, Any]]:
+    """The GPU targets (the CUDA section, when a GPU ran it): >= 2x PEFT's tokens/s, <= 0.5x its memory."""
+    configs = cuda.get("configs", {})
+    ours, theirs = configs.get("lorakit_gc0", {}), configs.get("peft_gc0", {})
+    device, rows = cuda.get("device_name", "GPU"), []
+    if ours.get("tokens_per_s") and theirs.get("tokens_per_s"):
+        ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+        rows.append(_row(f"CUDA training throughput, {device} (tokens/s)", f"{ours['tokens_per_s']:,.0f}",
+                         f"{theirs['tokens_per_s']:,.0f}", ratio, ">= 2x", ratio >= 2))
+    if ours.get("cuda_peak_allocated") and theirs.get("cuda_peak_allocated"):
+        ratio = ours["cuda_peak_allocated"] / theirs["cuda_peak_allocated"]
+        rows.append(_row(f"CUDA peak memory, {device} (max_memory_allocated)", _gib(ours["cuda_peak_allocated"]),
+                         _gib(theirs["cuda_peak_allocated"]), ratio, "<= 0.5x", ratio <= 0.5))
     return rows
 
 

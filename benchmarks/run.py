@@ -48,8 +48,8 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out (a section the --json "
                         "file holds keeps its earlier figures): "
                         f"extras,live,loss,generation,cuda,{','.join(SECTIONS)}")
-    parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)} to run again, "
-                        "keeping every other figure of the --json file")
+    parser.add_argument("--only", default="", help=f"comma-separated sections of cuda,{','.join(SECTIONS)} to run "
+                        "again, keeping every other figure of the --json file (`--only cuda` on a lent GPU machine)")
     parser.add_argument("--cuda-model", default="llama-1b", help="random Llama model for the CUDA section")
     parser.add_argument("--cuda-device", default="cuda", help="'cpu' runs the CUDA section's code on the CPU (a check)")
     parser.add_argument("--cuda-dtype", default="bfloat16")
@@ -223,14 +223,18 @@ def _earlier_sections(path: Path) -> dict[str, Any]:
 def _only(args: argparse.Namespace) -> None:
     """Run some sections again; every other figure stays as the run that measured it wrote it."""
     keys = [key.strip() for key in args.only.split(",") if key.strip()]
-    unknown = [key for key in keys if key not in SECTIONS]
+    unknown = [key for key in keys if key != "cuda" and key not in SECTIONS]
     if unknown:
-        raise SystemExit(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+        raise SystemExit(f"--only: unknown section(s) {', '.join(unknown)}; choose from cuda, {', '.join(SECTIONS)}")
     results = json.loads(Path(args.json).read_text())
     results.pop("per_row", None)  # the layout before sections existed
     sections = results.setdefault("sections", {})
     for key in keys:
-        sections[key] = run_section(key, args.quick)
+        if key == "cuda":
+            results["cuda"] = _cuda(args, {"quick": args.quick, "rounds": args.rounds or (1 if args.quick else 2)})
+        else:
+            sections[key] = run_section(key, args.quick)
+    results["summary"] = summary_rows(results)
     _write(Path(args.json), json.dumps(results, indent=1) + "\n")
     _write(Path(args.markdown), render(results))
     _log(f"wrote {args.markdown} and {args.json}")

@@ -21,6 +21,7 @@ and reports both loss curves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import warnings
 from typing import Any
 
@@ -118,7 +119,8 @@ def train(setting: Setting, lib: str, checkpointing: bool, quant: str, warmup: i
     records = []
     for step in range(warmup + steps):
         ids = batch_ids(step, setting, shape["vocab"])
-        record = timed_step(model, ids, optimizer, lib, setting.device, check_grads=step == 0)
+        with bf16_autocast(setting):
+            record = timed_step(model, ids, optimizer, lib, setting.device, check_grads=step == 0)
         record["warmup"] = step < warmup
         records.append(record)
     result.update(steps=records, peak_rss=peak_rss_bytes(), rss_end=rss_bytes(), shape=shape,
@@ -127,6 +129,14 @@ def train(setting: Setting, lib: str, checkpointing: bool, quant: str, warmup: i
         result["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
         result["device_name"] = torch.cuda.get_device_name()
     return result
+
+
+def bf16_autocast(setting: Setting) -> Any:
+    """A bf16 model trains under bf16 autocast, as lorakit train does on a GPU and transformers' Trainer
+    does with bf16=True: the fp32 adapters' matmuls run in bf16 too. Other dtypes run as they are."""
+    if setting.dtype != "bfloat16":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(setting.device).type, dtype=torch.bfloat16)
 
 
 def attach(model: nn.Module, setting: Setting, lib: str) -> nn.Module:

@@ -259,7 +259,8 @@ class LoraLinear(LoraLayer):
         - "fused": `LoraLinearFunction`, the base matmul and the one live adapter as one autograd
           function that keeps x (which the model keeps anyway), x A^T and a 1-byte dropout mask.
           Needs exactly one live, plain (not DoRA) adapter and either a frozen nn.Linear base with
-          W, A and B in one dtype (x too unless autocast is on: then all run in autocast's dtype),
+          x, W, A and B in one dtype or any dtypes under autocast (all then run in autocast's dtype,
+          so fp32 adapters beside a bf16 base take this path under autocast),
           or a 4-bit base with x, its compute dtype, A and B in one dtype and autocast off (W is
           dequantized in forward and again in backward; base_weight.py) (`fused_adapter`).
         - "update": `LoraUpdateFunction` per adapter, added to the base's output with the same
@@ -267,8 +268,8 @@ class LoraLinear(LoraLayer):
           every live adapter in one dtype, autocast off.
         - "autograd": the plain formula in autograd ops, the reference every fast path is tested
           against: it keeps A's input, a cast copy of x where the dtypes differ and a dropped-out
-          copy with dropout. Adapters in fp32 beside a 16-bit base, and a Conv1D, 4-bit or
-          multi-adapter layer under autocast.
+          copy with dropout. Adapters in fp32 beside a 16-bit base with autocast off, and a Conv1D,
+          4-bit or multi-adapter layer under autocast.
         """
         if self.fused_adapter(dtype, autocast) is not None:
             return FUSED
@@ -292,8 +293,9 @@ class LoraLinear(LoraLayer):
             return live[0] if plain_bias and same and not autocast else None
         base = cast(nn.Linear, self.base)
         frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-        # under autocast x may be in any dtype: the function casts everything to autocast's, as a linear does
-        same_dtype = base.weight.dtype == a.dtype == b.dtype and (autocast or dtype == a.dtype)
+        # Under autocast the function casts x, W, the bias, A and B to autocast's dtype, as autocast's own
+        # linears do, so their dtypes need not agree: fp32 adapters beside a bf16 base (lorakit train on a GPU).
+        same_dtype = autocast or base.weight.dtype == a.dtype == b.dtype == dtype
         return live[0] if frozen and same_dtype else None
 
     def fused_arguments(self, name: str) -> tuple[BaseWeight, torch.Tensor | None, torch.Tensor, torch.Tensor,

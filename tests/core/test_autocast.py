@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from lorakit import LoraConfig, add_adapter, fuse_gated_mlps
-from lorakit.core.layers import FUSED, LoraLinear
+from lorakit.core.layers import AUTOGRAD, FUSED, LoraLinear
 from lorakit.core.lora_function import draw_keep_mask, dropout_mask, lora_linear, quantized_dropout
 from lorakit.core.shared_input import lora_linears_one_input
 from lorakit.core.swiglu import swiglu_lora
 from lorakit.hf.fused_attention import group_attention_inputs
-from tests.models import loss_and_grads, randomize_adapters, tiny_llama, tokens
+from tests.models import autograd_nodes, loss_and_grads, randomize_adapters, tiny_llama, tokens
 
 
 def bf16():
@@ -98,11 +98,20 @@ def test_a_layer_under_autocast_takes_the_fused_path():
     assert out.dtype == torch.bfloat16
 
 
+def test_fp32_adapters_beside_a_bf16_base_take_the_fused_path_under_autocast_only():
+    layer = LoraLinear(torch.nn.Linear(16, 8).to(torch.bfloat16), r=4)
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # adapters train in fp32, as PEFT's do
+    assert layer.path_for(torch.bfloat16, autocast=True) == FUSED
+    assert layer.path_for(torch.bfloat16, autocast=False) == AUTOGRAD
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_a_fused_llama_under_autocast_trains_like_the_plain_one(dropout):
+def test_a_fused_llama_under_autocast_trains_like_the_plain_one(dropout, base_dtype):
+    """Both an fp32 base and a bf16 one with fp32 adapters (how lorakit train runs on a GPU)."""
     results = []
     for fused in (True, False):
-        model = tiny_llama()
+        model = tiny_llama().to(base_dtype)
         add_adapter(model, LoraConfig(r=4, dropout=dropout))
         randomize_adapters(model)
         if fused:
@@ -116,6 +125,8 @@ def test_a_fused_llama_under_autocast_trains_like_the_plain_one(dropout):
         torch.manual_seed(0)
         with bf16():
             results.append(loss_and_grads(model, tokens()))
+            nodes = {type(node).__name__ for node in autograd_nodes(model(input_ids=tokens()).logits)}
+        assert ("LoraLinearFunctionBackward" in nodes and "SharedASideFunctionBackward" in nodes) == fused
     (loss_f, grads_f), (loss_p, grads_p) = results
     if dropout == 0:  # the same formula, bf16 roundings apart
         torch.testing.assert_close(loss_f.float(), loss_p.float(), rtol=2e-2, atol=2e-2)
