@@ -342,7 +342,7 @@ def _cuda(results: dict[str, Any]) -> str:
     peak = cuda["bf16_peak_flops"]
     lines = ["## CUDA", "",
              f"{cuda['device_name']}: a random-weight Llama-shaped model ({model['base_parameters'] / 1e9:.2f}B parameters: "
-             f"{_shape(model['shape'])}), {s['dtype']}, batch {s['batch']} x {s['seq']}, LoRA r={s['r']} on the seven "
+             f"{_shape(model['shape'])}), {_precision(s['dtype'])}, batch {s['batch']} x {s['seq']}, LoRA r={s['r']} on the seven "
              f"linear kinds ({model['trainable']:,} trainable), AdamW; {cuda['warmup']} warm-up + {cuda['steps']} timed "
              "steps per process. MFU = model FLOPs (formula above, recompute not counted) / step time / "
              + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16 peak)." if peak else "the GPU's peak (unknown for this GPU: no MFU)."),
@@ -356,6 +356,13 @@ def _cuda(results: dict[str, Any]) -> str:
         memory = _gib(config["cuda_peak_allocated"]) if "cuda_peak_allocated" in config else "-"
         lines.append(f"| {LABELS[key]} | {config['median_seconds']:.3f} | {config['tokens_per_s']:,.0f} | {memory} | {mfu} |")
     return "\n".join(lines) + "\n"
+
+
+def _precision(dtype: str) -> str:
+    """How a configuration of the CUDA section trains (benchmarks.training.bf16_autocast)."""
+    if dtype == "bfloat16":
+        return "bf16 weights under bf16 autocast (the adapters fp32, as both trainers keep them)"
+    return dtype
 
 
 def _notes(results: dict[str, Any]) -> str:
