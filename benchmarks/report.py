@@ -340,8 +340,9 @@ def _cuda(results: dict[str, Any]) -> str:
         return f"## CUDA\n\nFailed: `{cuda['error'][-500:]}`\n"
     s, model = cuda["setting"], cuda["model"]
     peak = cuda["bf16_peak_flops"]
+    measured = f" (measured {cuda['date']})" if "date" in cuda else ""
     lines = ["## CUDA", "",
-             f"{cuda['device_name']}: a random-weight Llama-shaped model ({model['base_parameters'] / 1e9:.2f}B parameters: "
+             f"{cuda['device_name']}{measured}: a random-weight Llama-shaped model ({model['base_parameters'] / 1e9:.2f}B parameters: "
              f"{_shape(model['shape'])}), {_precision(s['dtype'])}, batch {s['batch']} x {s['seq']}, LoRA r={s['r']} on the seven "
              f"linear kinds ({model['trainable']:,} trainable), AdamW; {cuda['warmup']} warm-up + {cuda['steps']} timed "
              "steps per process. MFU = model FLOPs (formula above, recompute not counted) / step time / "

@@ -107,8 +107,11 @@ def main() -> None:
     earlier = _earlier_sections(Path(args.json))
     results["sections"] = {key: run_section(key, quick) if key not in skip else earlier[key]
                            for key in SECTIONS if key not in skip or key in earlier}
+    earlier_cuda = _earlier(Path(args.json)).get("cuda", {})
     if "cuda" not in skip:
-        results["cuda"] = _cuda(args, plan)
+        results["cuda"] = kept_cuda_section(_cuda(args, plan), earlier_cuda)
+    elif earlier_cuda:
+        results["cuda"] = earlier_cuda
 
     results["machine"]["load_average_end"] = os.getloadavg()[0]
     results["total_seconds"] = time.time() - started
@@ -214,10 +217,20 @@ def _median_shapes(matmuls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _earlier_sections(path: Path) -> dict[str, Any]:
     """The sections an earlier results file holds ({} when there is none)."""
+    return dict(_earlier(path).get("sections", {}))
+
+
+def _earlier(path: Path) -> dict[str, Any]:
     try:
-        return dict(json.loads(path.read_text()).get("sections", {}))
+        return dict(json.loads(path.read_text()))
     except (OSError, ValueError):
         return {}
+
+
+def kept_cuda_section(new: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
+    """The CUDA section to report: a machine without a GPU keeps the figures an earlier GPU run measured
+    (they name their device and date) instead of writing "skipped" over them."""
+    return earlier if "skipped" in new and "configs" in earlier else new
 
 
 def _only(args: argparse.Namespace) -> None:
@@ -231,7 +244,8 @@ def _only(args: argparse.Namespace) -> None:
     sections = results.setdefault("sections", {})
     for key in keys:
         if key == "cuda":
-            results["cuda"] = _cuda(args, {"quick": args.quick, "rounds": args.rounds or (1 if args.quick else 2)})
+            plan = {"quick": args.quick, "rounds": args.rounds or (1 if args.quick else 2)}
+            results["cuda"] = kept_cuda_section(_cuda(args, plan), results.get("cuda", {}))
         else:
             sections[key] = run_section(key, args.quick)
     results["summary"] = summary_rows(results)
@@ -268,7 +282,8 @@ def _cuda(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, Any]:
                                      checkpointing=key.endswith("gc1"))
         if "median_seconds" in config and peak and setting.dtype == "bfloat16":
             config["mfu"] = config["flops"]["model_total"] / config["median_seconds"] / peak
-    return {"setting": setting.to_dict(), "model": prepared, "device_name": device_name, "bf16_peak_flops": peak,
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "setting": setting.to_dict(), "model": prepared, "device_name": device_name, "bf16_peak_flops": peak,
             "warmup": warmup, "steps": steps, "configs": configs}
 
 

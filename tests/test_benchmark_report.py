@@ -45,3 +45,14 @@ def test_the_cuda_targets_are_judged_from_the_cuda_run():
     assert (memory["ratio"], memory["met"]) == (0.625, "no")
     results.pop("cuda")
     assert not any(row["measure"].startswith("CUDA") for row in summary_rows(results))
+
+
+def test_a_machine_without_a_gpu_keeps_the_figures_a_gpu_measured():
+    from benchmarks.run import kept_cuda_section
+
+    measured = {"date": "2026-12-01T10:00:00+00:00", "device_name": "NVIDIA H200", "configs": {"lorakit_gc0": {}}}
+    skipped = {"skipped": "torch.cuda.is_available() is False on this machine"}
+    assert kept_cuda_section(skipped, measured) is measured
+    assert kept_cuda_section(skipped, {}) is skipped
+    fresh = {"device_name": "NVIDIA H100", "configs": {}}
+    assert kept_cuda_section(fresh, measured) is fresh
