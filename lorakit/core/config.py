@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian", "zeros", "random")
@@ -132,16 +133,10 @@ class LoraConfig:
             problems.append(f"layers must be a list of non-negative block indices (e.g. [0, 1]), got {self.layers!r}")
         elif self.layers is not None and not all(_is_int(i) and i >= 0 for i in self.layers):
             problems.append(f"layers must be non-negative block indices, got {list(self.layers)!r}")
-        problems += _mapping_problems("rank_pattern", self.rank_pattern, "rank", {"v_proj": 4})
-        problems += _mapping_problems("alpha_pattern", self.alpha_pattern, "alpha", {"v_proj": 16})
-        if isinstance(self.rank_pattern, dict):
-            for key, rank in self.rank_pattern.items():
-                if not _is_int(rank) or rank < 1:
-                    problems.append(f"rank_pattern[{key!r}] must be an integer >= 1, got {rank!r}")
-        if isinstance(self.alpha_pattern, dict):
-            for key, alpha in self.alpha_pattern.items():
-                if not _is_number(alpha) or alpha <= 0:
-                    problems.append(f"alpha_pattern[{key!r}] must be a number > 0, got {alpha!r}")
+        problems += _mapping_problems("rank_pattern", self.rank_pattern, "rank", {"v_proj": 4},
+                                      lambda rank: _is_int(rank) and rank >= 1, "an integer >= 1")
+        problems += _mapping_problems("alpha_pattern", self.alpha_pattern, "alpha", {"v_proj": 16},
+                                      lambda alpha: _is_number(alpha) and alpha > 0, "a number > 0")
         return problems
 
     def rank_for(self, path: str) -> int:
@@ -198,8 +193,9 @@ def _is_list_like(value: object) -> bool:
     return isinstance(value, Iterable) and not isinstance(value, str | bytes | Mapping)
 
 
-def _mapping_problems(name: str, value: object, what: str, example: dict[str, int]) -> list[str]:
-    """Problems of a `rank_pattern`-like field's kind and keys (each value is checked by the caller)."""
+def _mapping_problems(name: str, value: object, what: str, example: dict[str, int],
+                      valid: Callable[[Any], bool], accepted: str) -> list[str]:
+    """Problems of a `rank_pattern`-like field: its kind, its keys (regular expressions), then its values."""
     if not isinstance(value, dict):
         return [f"{name} must be a mapping of module-path regular expression to {what} (e.g. {example!r}), "
                 f"got {value!r}"]
@@ -209,7 +205,8 @@ def _mapping_problems(name: str, value: object, what: str, example: dict[str, in
             problems += _regex_problems(f"{name} key {key!r}", key)
         else:
             problems.append(f"{name} keys must be regular expressions (text), got {key!r}")
-    return problems
+    return problems + [f"{name}[{key!r}] must be {accepted}, got {item!r}" for key, item in value.items()
+                       if not valid(item)]
 
 
 def _pattern_problems(name: str, value: object, allow_none: bool) -> list[str]:
