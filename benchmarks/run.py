@@ -258,7 +258,8 @@ def _cuda(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, Any]:
     """The same lorakit/PEFT comparison on a random ~1B Llama in bf16, when there is a GPU."""
     if args.cuda_device.startswith("cuda") and not torch.cuda.is_available():
         return {"skipped": "torch.cuda.is_available() is False on this machine (torch "
-                           f"{torch.__version__}); run `make bench` on a CUDA machine for this section"}
+                           f"{torch.__version__}); on a machine with a GPU, `python -m benchmarks.run --only cuda` runs this "
+                           "section alone"}
     _log(f"CUDA section: {args.cuda_model} on {args.cuda_device}")
     setting = Setting(model=args.cuda_model, device=args.cuda_device, dtype=args.cuda_dtype,
                       batch=args.cuda_batch, seq=args.cuda_seq)
