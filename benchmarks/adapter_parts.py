@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import machine, parse_with_threads
-from lorakit.core.lora_function import LoraLinearFunction, draw_keep_mask, quantized_dropout
-from lorakit.core.shared_input import lora_linears_one_input
+from lorakit.kernels.lora_function import LoraLinearFunction, draw_keep_mask, quantized_dropout
+from lorakit.kernels.shared_input import lora_linears_one_input
 
 HIDDEN, WIDTHS, INTERMEDIATE, RANK, DROPOUT = 576, (576, 192, 192), 1536, 16, 0.05
 

@@ -9,7 +9,7 @@ A batch of `rows` rows x `seq` tokens (16 x 1: one decode step of 16 requests) g
 adapter i mod `adapters`. Timed, each with the median of several runs after warm-up:
 
 - lorakit per-row: one forward inside `adapters_per_row` (gathered A/B stacks, two batched
-  matmuls per layer: `lorakit.core.rows.gather_rows`);
+  matmuls per layer: `lorakit.kernels.row_stacks.gather_rows`);
 - PEFT: one forward with `adapter_names=[...]` (its mixed-batch path);
 - one adapter for every row (the target is per-row <= 1.3x this) and the base alone.
 
@@ -60,8 +60,8 @@ def main() -> None:
     import peft
 
     from lorakit import set_adapter
-    from lorakit.core.io import load_adapter
     from lorakit.core.per_row import adapters_per_row
+    from lorakit.formats.io import load_adapter
 
     base = _base_model(args.model, args.layers)
     names = [f"a{i}" for i in range(args.adapters)]
@@ -151,7 +151,7 @@ def write_random_adapters(base: nn.Module, names: list[str], folder: str, r: int
     """Save one adapter per name under folder/name: r=16 on the seven linear kinds, random A and B
     (each its own seed), so every adapter moves the output its own way."""
     from lorakit import LoraConfig, add_adapter
-    from lorakit.core.io import save_adapter
+    from lorakit.formats.io import save_adapter
 
     maker = copy.deepcopy(base)
     for i, name in enumerate(names):

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from benchmarks.common import ROOT, machine
-from lorakit.core.io import load_adapter
 from lorakit.data import eval_pairs, load_records
+from lorakit.formats.io import load_adapter
 from lorakit.hf import load_model
 from lorakit.train import TrainConfig, train
 from lorakit.train.checkpoint import list_checkpoints

@@ -1,7 +1,7 @@
 """lorakit: LoRA and QLoRA fine-tuning for PyTorch language models.
 
 The core API works on any nn.Module and imports only torch; the model-loading, data and
-training parts import transformers lazily, on first use.
+training parts import transformers lazily, on first use. docs/layers.md draws the packages.
 """
 
 import importlib
@@ -20,21 +20,26 @@ from lorakit.core.adapters import (
 from lorakit.core.combine import combine_adapters
 from lorakit.core.config import LoraConfig
 from lorakit.core.inject import add_adapter
-from lorakit.core.inspect_adapter import describe_adapter
-from lorakit.core.io import load_adapter, save_adapter
 from lorakit.core.layers import LoraEmbedding, LoraLayer, LoraLinear
 from lorakit.core.merge import merge, merge_and_unload, unmerge
 from lorakit.core.per_row import adapters_per_row
+from lorakit.formats.inspect_adapter import describe_adapter
+from lorakit.formats.io import load_adapter, save_adapter
+from lorakit.fusion.fuse import fuse_for_training
+from lorakit.fusion.fused_attention import group_attention_inputs
+from lorakit.fusion.fused_mlp import fuse_gated_mlps
+from lorakit.kernels.dispatch import install as _install_kernels
 
 __version__ = "0.1.0"
 
 # Names whose modules import transformers: loaded on first use, so `import lorakit` stays light.
 _LAZY = {
     "load_model": "lorakit.hf",
-    "fuse_gated_mlps": "lorakit.hf.fused_mlp",
-    "fuse_for_training": "lorakit.hf.fuse",
-    "group_attention_inputs": "lorakit.hf.fused_attention",
 }
+
+# LoraLinear's fast paths live beside core (lorakit.kernels), which core never imports: this hands
+# them to it, so every `import lorakit...` runs the fused functions where they apply.
+_install_kernels()
 
 
 def __getattr__(name: str) -> Any:

@@ -45,7 +45,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapters: str = "many")
 def load_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     """The base model (4-bit with --quantize) and tokenizer, with every --adapter loaded and active together."""
     from lorakit.core.adapters import set_adapter
-    from lorakit.core.io import load_adapter
+    from lorakit.formats.io import load_adapter
     from lorakit.hf import load_model
 
     paths = args.adapter if isinstance(args.adapter, list) else [args.adapter]
@@ -62,7 +62,7 @@ def load_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
 
 
 def _refuse_repeats(paths: list[str]) -> None:
-    from lorakit.core.adapter_folder import find_adapter_folder
+    from lorakit.formats.adapter_folder import find_adapter_folder
 
     seen: dict[str, str] = {}
     for path in paths:

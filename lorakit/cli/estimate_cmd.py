@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.hf.estimate import estimate, format_estimate
+    from lorakit.estimate.footprint import estimate, format_estimate
 
     result = estimate(args.model, r=args.r, alpha=args.alpha, targets=args.targets, quant=args.quant,
                       batch_size=args.batch, seq_len=args.seq, dtype=args.dtype,

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.core.files import check_parent
+    from lorakit.formats.atomic import check_parent
     from lorakit.gguf.export_adapter import export_adapter
 
     if args.format != "gguf":

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.core.inspect_adapter import inspect_adapter
+    from lorakit.formats.inspect_adapter import inspect_adapter
 
     report = inspect_adapter(args.path)
     print(report.text)

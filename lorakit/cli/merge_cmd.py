@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lorakit.core.files import check_parent
     from lorakit.core.merge import merge_and_unload
+    from lorakit.formats.atomic import check_parent
     from lorakit.hf.saving import save_merged
 
     output = Path(args.output)

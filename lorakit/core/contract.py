@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from lorakit.core.rows import RowAdapters, StackedFactors, add_rows, gather_rows
+from lorakit.core.rows import RowAdapters, add_rows
 
 SUPPORTED_MODULES = "nn.Linear, transformers' Conv1D, nn.Embedding and lorakit's NF4Linear"
 
@@ -77,6 +78,16 @@ def base_device(base: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+class FastPaths(Protocol):
+    """What lorakit.kernels hands the layers (`LoraLayer.kernels`): the fast paths, each answering
+    None where it does not apply, so the reference computation here runs instead."""
+
+    def forward(self, layer: Any, x: torch.Tensor) -> torch.Tensor | None: ...
+
+    def forward_rows(self, layer: Any, x: torch.Tensor, result: torch.Tensor,
+                     groups: list[tuple[str, torch.Tensor | None]]) -> torch.Tensor | None: ...
+
+
 class LoraLayer(nn.Module):
     """The contract of a LoRA layer: adapters held by name beside a frozen `base`.
 
@@ -99,6 +110,15 @@ class LoraLayer(nn.Module):
     """PEFT's `fan_in_fan_out`: a linear base storing its weight (in x out), such as transformers' Conv1D."""
     peft_keys = ("lora_A.weight", "lora_B.weight")
     """Where A and B go in a PEFT adapter file: `base_model.model.<path>.<key>`."""
+    # What a kind can do, asked by inject, the optimizer, the file formats and serve instead of its name.
+    supports_dora = False
+    """Whether an adapter on this kind may be a DoRA adapter (a magnitude per output row)."""
+    supports_svd_init = False
+    """Whether PiSSA / OLoRA can start an adapter here from the base weight's decomposition."""
+    is_embedding = False
+    """Whether the base is a lookup table (nn.Embedding): its A is read by index, not multiplied."""
+    kernels: FastPaths | None = None
+    """The fast paths (lorakit.kernels.dispatch, handed over by `import lorakit`); None runs the reference."""
 
     def __init__(self, base: nn.Module, path: str) -> None:
         super().__init__()
@@ -111,7 +131,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.row_adapters: RowAdapters | None = None
-        self._row_stacks: StackedFactors | None = None  # see stacked_factors
+        self._row_stacks: Any = None  # the kernels' per-row stacks of this layer's adapters (row_stacks.py)
         # PiSSA / OLoRA adapters (init_methods.py): name -> the (A0, B0) they started from, kept for
         # save_adapter(convert_to_lora=True), and on a 4-bit base the relative error of quantizing the
         # residual again. Not in the state dict.
@@ -174,18 +194,16 @@ class LoraLayer(nn.Module):
         self.set_active([name])
 
     def forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Inside adapters_per_row: each row's update added at its row, batched when the kind allows."""
+        """Inside adapters_per_row: each row's update added at its row, one adapter at a time, or
+        batched by the kernels where they apply (lorakit.kernels.row_stacks)."""
         plan = self.row_adapters
         assert plan is not None
+        groups = plan.groups(x.shape[0], self.path)
+        batched = None if self.kernels is None else self.kernels.forward_rows(self, x, result, groups)
+        if batched is not None:
+            return batched
         # Without autograd the base output is ours to update in place, saving a copy per adapter.
         in_place = not result.requires_grad
-        groups = plan.groups(x.shape[0], self.path)
-        held = [name for name, _ in groups if name in self.scaling]
-        if len(groups) > 1 and held and self.batches_rows(held):  # two batched matmuls (rows.py)
-            if not torch.is_grad_enabled():
-                return self.stacked_factors().add_rows(x, result, plan, in_place)
-            factors = [self.factors(n) if n in self.scaling else None for n in plan.names]
-            return gather_rows(x, result, factors, [self.scaling.get(n or "", 0.0) for n in plan.names], in_place)
         for name, rows in groups:
             if name in self.scaling:
                 update, scale = self.update(name, x if rows is None else x.index_select(0, rows))
@@ -193,17 +211,9 @@ class LoraLayer(nn.Module):
         return result
 
     def batches_rows(self, names: Sequence[str]) -> bool:
-        """Whether the rows of adapters `names` (all held here) can run as one batched update
-        (`gather_rows`); False (the default) computes them through `update` one adapter at a time."""
+        """Whether the rows of adapters `names` (all held here) may run as one batched update: the
+        same sum as `update` one adapter at a time. False (the default) keeps them one at a time."""
         return False
-
-    def stacked_factors(self) -> StackedFactors:
-        """Every held adapter's A and B stacked for per-row forwards without autograd, kept while current."""
-        stacks = self._row_stacks
-        if stacks is None or not stacks.is_current(self.scaling):
-            self._row_stacks = None  # free the old copy before making the new one
-            stacks = self._row_stacks = StackedFactors({n: self.factors(n) for n in self.scaling}, self.scaling)
-        return stacks
 
     def adapter_parameters(self, name: str) -> list[torch.Tensor]:
         """Every tensor adapter `name` trains: A and B, plus what a variant adds (DoRA's magnitude)."""

@@ -28,6 +28,7 @@ again; the micro-batches of one step, evaluation and a checkpointed block's reco
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,3 +102,59 @@ def unmerged_weight(merged: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scal
     dtype = torch.promote_types(a.dtype, torch.float32)
     g = (magnitude.detach().to(dtype) / norm.to(dtype))[:, None]
     return merged.to(dtype) / g - (b.detach().to(dtype) @ a.detach().to(dtype)) * scale
+
+
+class Dora:
+    """DoRA as a variant of an adapter: the hooks a LoRA linear calls for an adapter that has one.
+
+    The layer keeps the magnitude in its `lora_magnitude_vector` (PEFT's key); this object holds no
+    state, so one instance, `DORA`, serves every layer. Each hook takes the layer and the adapter's
+    name, as PEFT's `LoraVariant` does.
+    """
+
+    merges_first = True
+    """The merged weight g (W0 + s B A) needs W0 itself: nothing may be merged before it."""
+
+    def start(self, layer: Any, name: str) -> None:
+        """Make adapter `name` a DoRA adapter (again): m = ||W + s B A||_row of the current W, A and B."""
+        a, b = layer.factors(name)
+        layer.lora_magnitude_vector[name] = Magnitude(row_norm(layer.weight_rows(), a, b, layer.scaling[name]).to(a.dtype))
+
+    def norm(self, layer: Any, name: str) -> torch.Tensor:
+        """||W + s B A||_row of adapter `name`, detached: computed once per change of W, A or B."""
+        sources = [*layer.base.parameters(recurse=False), *layer.base.buffers(recurse=False)]
+        return layer.magnitude(name).norm(layer.weight_rows, *layer.factors(name), layer.scaling[name], sources)
+
+    def output(self, layer: Any, name: str, z: torch.Tensor, h: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The layer's output so far once adapter `name` ran: z = W0 x + bias + s B A dropout(x) is its
+        update on the base output alone, h the output before it."""
+        bias = getattr(layer.base, "bias", None)
+        rescaled = dora_output(z, layer.magnitude(name).weight, self.norm(layer, name),
+                               bias if isinstance(bias, torch.Tensor) else None)
+        if h is base_out:  # the first adapter: h is exactly its output
+            return rescaled
+        return h + (rescaled - base_out)  # add what DoRA changes: (g - 1) W0 x + g s B A dropout(x)
+
+    def delta_weight(self, layer: Any, name: str) -> torch.Tensor:
+        """(g - 1) W0 + g s B A, fp32, laid out like the base weight (so that W0 + delta = g (W0 + s B A))."""
+        delta, _ = dora_delta(layer.weight_rows(), *layer.factors(name), layer.scaling[name],
+                              layer.magnitude(name).weight)
+        return delta.T if layer.weight_in_by_out else delta
+
+    def add_delta(self, layer: Any, name: str, sign: float) -> None:
+        """W0 -> g (W0 + s B A) (sign > 0), keeping the norm to undo it exactly; and back (sign < 0)."""
+        weight = layer._base_weight()
+        a, b = layer.factors(name)
+        magnitude, scale = layer.magnitude(name), layer.scaling[name]
+        with torch.no_grad():
+            if sign > 0:
+                delta, magnitude.merged_norm = dora_delta(layer.weight_rows(), a, b, scale, magnitude.weight)
+                rows = layer.weight_rows().to(delta.dtype) + delta
+            else:
+                assert magnitude.merged_norm is not None, "a merged DoRA adapter keeps its norm"
+                rows = unmerged_weight(layer.weight_rows(), a, b, scale, magnitude.weight, magnitude.merged_norm)
+                magnitude.merged_norm = None
+            weight.copy_((rows.T if layer.weight_in_by_out else rows).to(weight.dtype))
+
+
+DORA = Dora()

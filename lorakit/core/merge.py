@@ -7,6 +7,7 @@ merge. Deltas are computed in fp32 whatever the weight dtype, then cast once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -155,22 +156,12 @@ def _checked_names(model: nn.Module, names: Sequence[str] | None) -> list[str]:
 
 
 def _merged_quantized(layer: LoraLayer, names: list[str], quantized: str | None) -> nn.Module:
-    """A plain linear (or, to requantize, a new NF4Linear) holding the 4-bit base plus the deltas."""
+    """A plain linear (or, to requantize, a new 4-bit linear) holding the 4-bit base plus the deltas.
+
+    The quantized base builds both itself (`to_linear`, as NF4Linear does): core knows no 4-bit format.
+    """
     pending = layer.to_merge(names)
     if not pending:
         return layer.base
-    base = layer.base
-    compute_dtype = getattr(base, "compute_dtype", None) or torch.float32
-    weight = layer.merged_weight(pending)
-    plain = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
-                      device=weight.device, dtype=compute_dtype)
-    with torch.no_grad():
-        plain.weight.copy_(weight)
-        if isinstance(base.bias, torch.Tensor):
-            plain.bias.copy_(base.bias)
-    plain.requires_grad_(False)
-    if quantized == "dequantize":
-        return plain
-    from lorakit.quant import NF4Linear  # torch-only, like core
-
-    return NF4Linear.from_linear(plain, compute_dtype=compute_dtype)
+    base: Any = layer.base
+    return base.to_linear(layer.merged_weight(pending), requantize=quantized != "dequantize")  # type: ignore[no-any-return]

@@ -3,7 +3,7 @@
 A server holding one base model and many adapters can then answer requests for different
 adapters together. The base weight is used once for the whole batch. A linear layer whose rows
 use several adapters gathers each row's A and B into stacks and runs two batched matmuls
-(`rows.gather_rows`, the BGMV scheme of Punica, S-LoRA and vLLM), however many adapters the
+(`lorakit.kernels.row_stacks.gather_rows`, the BGMV scheme of Punica, S-LoRA and vLLM), however many adapters the
 rows use. Otherwise (one adapter for the batch, embeddings, live dropout) rows are grouped by
 adapter: the layer gathers a group's rows (index_select), runs that adapter's B A on them only,
 and adds the result back at the same rows (index_add), looping over distinct adapters.
@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from lorakit.core.contract import base_device
-from lorakit.core.registry import list_adapters, merged_adapters, merged_error, unknown_adapter_error
+from lorakit.core.registry import (
+    adapter_configs,
+    list_adapters,
+    merged_adapters,
+    merged_error,
+    unknown_adapter_error,
+)
 from lorakit.core.rows import RowAdapters
 from lorakit.core.walk import adapter_modules
 
@@ -70,3 +76,15 @@ def _check(model: nn.Module, names: list[str | None]) -> None:
     merged = merged_adapters(model)
     if merged:
         raise merged_error(merged, "before adapters_per_row (merged adapters would apply to every row)")
+    refused = not_per_row(model, names)
+    if refused:
+        raise ValueError(f"adapter(s) {', '.join(map(repr, refused))} use DoRA, which per-row adapters do not "
+                         "support yet (each row would need its own weight norm); use them one at a time with "
+                         "set_adapter, or merge them")
+
+
+def not_per_row(model: nn.Module, names: Sequence[str | None]) -> list[str]:
+    """The adapters among `names` that cannot run per row: DoRA adapters, whose rescaling needs the
+    weight norm of one adapter for the whole batch. The one rule; serve asks it too."""
+    configs = adapter_configs(model)
+    return sorted({n for n in names if n is not None and n in configs and configs[n].use_dora})

@@ -1,7 +1,7 @@
 """Which adapters a model holds: their configs and the active names, kept on the model object itself.
 
-They live in the model's `__dict__`, so they travel with it through deepcopy and need no global
-registry; `forget_adapters` removes both (merge_and_unload). This is also the one home of the two
+They are the model's own records (core/attached.py), so they travel with it through deepcopy and
+need no global registry; `forget_adapters` removes both (merge_and_unload). This is also the one home of the two
 refusals that every model-level function shares: an unknown adapter name, and merged adapters.
 """
 
@@ -11,41 +11,39 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lorakit.core.attached import drop_model_state, model_state, set_model_state
 from lorakit.core.config import LoraConfig
 from lorakit.core.walk import lora_layers
 
-_CONFIGS = "lorakit_configs"
-_ACTIVE = "lorakit_active"
+_CONFIGS = "configs"
+_ACTIVE = "active"
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """The model's adapters by name, with the config each was created from (a live dict)."""
-    configs = model.__dict__.get(_CONFIGS)
-    if configs is None:
-        configs = {}
-        model.__dict__[_CONFIGS] = configs
+    configs: dict[str, LoraConfig] | None = model_state(model, _CONFIGS, dict)
+    assert configs is not None
     return configs
 
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of all adapters on the model, in the order they were added."""
-    return list(model.__dict__.get(_CONFIGS, {}))
+    return list(model_state(model, _CONFIGS) or {})
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters that run in forward, in the order set_adapter was given."""
-    return list(model.__dict__.get(_ACTIVE, []))
+    return list(model_state(model, _ACTIVE) or [])
 
 
 def record_active(model: nn.Module, names: Sequence[str]) -> None:
     """Remember `names` as the model's active adapters (the layers are told by set_adapter)."""
-    model.__dict__[_ACTIVE] = list(names)
+    set_model_state(model, _ACTIVE, list(names))
 
 
 def forget_adapters(model: nn.Module) -> None:
     """Drop every record of adapters from the model (after merge_and_unload removed the layers)."""
-    model.__dict__.pop(_CONFIGS, None)
-    model.__dict__.pop(_ACTIVE, None)
+    drop_model_state(model, _CONFIGS, _ACTIVE)
 
 
 def merged_adapters(model: nn.Module) -> list[str]:

@@ -74,7 +74,7 @@ def _from_gguf(path: Path, source: str) -> BaseModel:
 
 
 def _from_folder(folder: Path) -> BaseModel:
-    from lorakit.core.adapter_folder import read_header
+    from lorakit.formats.adapter_folder import read_header
     from lorakit.hf.loading import check_model_folder
 
     check_model_folder(folder)

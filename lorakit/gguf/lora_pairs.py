@@ -53,9 +53,9 @@ def read_lora_pairs(adapter: str | os.PathLike[str], base: BaseModel, purpose: s
     """
     from safetensors import safe_open
 
-    from lorakit.core.adapter_folder import find_adapter_folder, read_config_json
-    from lorakit.core.io import read_adapter
-    from lorakit.core.peft_format import PREFIX, WEIGHTS_FILE
+    from lorakit.formats.adapter_folder import find_adapter_folder, read_config_json
+    from lorakit.formats.io import read_adapter
+    from lorakit.formats.peft_format import PREFIX, WEIGHTS_FILE
 
     folder = find_adapter_folder(adapter)
     raw = read_config_json(folder)

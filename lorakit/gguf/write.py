@@ -7,7 +7,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from lorakit.core.files import check_parent, fsync_path
+from lorakit.formats.atomic import check_parent, fsync_path
 
 
 def check_output(path: str | os.PathLike[str], *sources: Path | None) -> Path:

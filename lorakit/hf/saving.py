@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorakit.core.files import remove_stale_temps, write_folder_atomically
+from lorakit.formats.atomic import remove_stale_temps, write_folder_atomically
 
 
 def drop_gguf_marks(model: Any) -> None:

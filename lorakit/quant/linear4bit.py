@@ -184,6 +184,25 @@ class NF4Linear(nn.Module):
         out = _NF4Linear.apply(x.to(self.compute_dtype), self.quantized_weight, bias)
         return out.to(x.dtype)
 
+    def requantized(self, weight: torch.Tensor) -> NF4Linear:
+        """A new 4-bit linear like this one (block size, double quantization, bias, compute dtype) holding
+        `weight` (out x in): what PiSSA's residual becomes on a 4-bit base."""
+        old = self.quantized_weight
+        new = quantize_nf4(weight.to(old.dtype), block_size=old.block_size, double_quant=old.double_quant)
+        return NF4Linear(new, self.bias, self.compute_dtype).train(self.training)
+
+    def to_linear(self, weight: torch.Tensor, requantize: bool = False) -> nn.Module:
+        """A frozen plain nn.Linear in the compute dtype holding `weight` (out x in) and this bias, or with
+        `requantize` that linear quantized again: what merging deltas into a 4-bit base gives."""
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=weight.device, dtype=self.compute_dtype)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if isinstance(self.bias, torch.Tensor):
+                plain.bias.copy_(self.bias)
+        plain.requires_grad_(False)
+        return NF4Linear.from_linear(plain, compute_dtype=self.compute_dtype) if requantize else plain
+
     def _quant_tensor(self, name: str) -> torch.Tensor | None:
         return self._buffers[name] if name == _OFFSET else self._parameters[name]
 

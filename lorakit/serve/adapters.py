@@ -3,7 +3,7 @@
 A request's `model` is an adapter name, or the base model's name for no adapter. Adapters given
 at start (`--adapter name=path`) may live anywhere; at run time (`/v1/load_lora_adapter`) they
 may only come from inside `--adapter-dir`, and without it run-time loading is off. Loading goes
-through `lorakit.core.io.load_adapter`, which checks everything (config, keys, shapes, finite
+through `lorakit.formats.io.load_adapter`, which checks everything (config, keys, shapes, finite
 values) against the base before it changes the model; the name becomes visible only after
 that, and the model lock keeps the change between two decode steps, so running requests are
 unaffected. An adapter that requests are using cannot be unloaded.
@@ -45,14 +45,19 @@ class AdapterRegistry:
 
     def add(self, name: str, path: str | os.PathLike[str]) -> None:
         """Load adapter folder `path` as `name` (checked fully first); ValueError/FileNotFoundError otherwise."""
-        from lorakit.core.io import load_adapter
+        from lorakit.core.adapters import delete_adapter
+        from lorakit.core.per_row import not_per_row
+        from lorakit.formats.io import load_adapter
 
         if name == self.base_name or name in self.paths:
             raise ValueError(f"the name {name!r} is taken already (served: {', '.join(self.names())}); "
                              "choose another or unload it first")
-        _refuse_dora(path)
         with self.model_lock:
             load_adapter(self.model, path, name=name)
+            if not_per_row(self.model, [name]):  # each row would need its own weight norm
+                delete_adapter(self.model, name)
+                raise ValueError(f"{path} is a DoRA adapter, which lorakit serve cannot run per row; merge it into "
+                                 "the base (lorakit merge) and serve that, or serve it with vLLM")
         with self.lock:
             self.paths[name] = str(path)
 
@@ -85,18 +90,3 @@ class AdapterRegistry:
             del self.paths[name]  # invisible to new requests from here on
         with self.model_lock:
             delete_adapter(self.model, name)
-
-
-def _refuse_dora(path: str | os.PathLike[str]) -> None:
-    """DoRA adapters cannot run per row (each row would need its own weight norm): refuse them at load."""
-    import json
-
-    from lorakit.core.adapter_folder import find_adapter_folder
-
-    try:
-        config = json.loads((find_adapter_folder(path) / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        return  # load_adapter says what is wrong with the folder
-    if isinstance(config, dict) and config.get("use_dora"):
-        raise ValueError(f"{path} is a DoRA adapter, which lorakit serve cannot run per row; merge it into the base "
-                         "(lorakit merge) and serve that, or serve it with vLLM")

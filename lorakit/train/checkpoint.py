@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.core.files import write_folder_atomically
+from lorakit.formats.atomic import write_folder_atomically
 from lorakit.train.distributed import World, broadcast
 from lorakit.train.parallel import full_tensor, shard_like, whole_trainables
 
@@ -62,7 +62,7 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer: to
     final = output_dir / f"{PREFIX}{step}"
     if not world.is_main:
         return final
-    from lorakit.core.io import save_adapter
+    from lorakit.formats.io import save_adapter
 
     state = {"step": step, "data_position": data_position, "scheduler": scheduler.state_dict(),
              "optimizer": optimizer_meta, "settings": settings}

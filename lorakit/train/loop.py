@@ -32,8 +32,8 @@ from lorakit.data import (
     steps_per_epoch,
 )
 from lorakit.data.jsonl import FormatChoice
+from lorakit.fusion.fuse import fuse_for_training
 from lorakit.hf.checkpointing import enable_checkpointing
-from lorakit.hf.fuse import fuse_for_training
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import World, broadcast, on_main, start
@@ -248,7 +248,7 @@ def _save_adapter(model: nn.Module, folder: Path, world: World, convert_to_lora:
     run's adapter/ works with `lorakit eval`/`generate` on the model as loaded; its checkpoints
     keep the trained rank-r factors, which resume needs.
     """
-    from lorakit.core.io import save_adapter
+    from lorakit.formats.io import save_adapter
 
     whole = {n: full_tensor(p) for n, p in model.named_parameters() if p.requires_grad}
     if world.is_main:
@@ -285,7 +285,7 @@ def _datasets(config: TrainConfig, tokenizer: Any, records: list,
 
 
 def _announce(model: nn.Module, config: TrainConfig, train_set: TokenizedDataset) -> None:
-    from lorakit.hf.estimate import estimate_for_model
+    from lorakit.estimate.footprint import estimate_for_model
 
     _say(trainable_parameters_line(model))
     estimate = estimate_for_model(model, batch_size=config.batch_size, seq_len=config.max_length,

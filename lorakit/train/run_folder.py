@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.core.files import check_parent, remove_stale_temps
+from lorakit.formats.atomic import check_parent, remove_stale_temps
 from lorakit.train.checkpoint import list_checkpoints, read_settings
 from lorakit.train.config import TrainConfig
 from lorakit.train.run_lock import RunLock

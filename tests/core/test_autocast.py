@@ -6,11 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from lorakit import LoraConfig, add_adapter, fuse_gated_mlps
-from lorakit.core.layers import AUTOGRAD, FUSED, LoraLinear
-from lorakit.core.lora_function import draw_keep_mask, dropout_mask, lora_linear, quantized_dropout
-from lorakit.core.shared_input import lora_linears_one_input
-from lorakit.core.swiglu import swiglu_lora
-from lorakit.hf.fused_attention import group_attention_inputs
+from lorakit.core.layers import LoraLinear
+from lorakit.fusion.fused_attention import group_attention_inputs
+from lorakit.kernels import paths
+from lorakit.kernels.lora_function import draw_keep_mask, dropout_mask, lora_linear, quantized_dropout
+from lorakit.kernels.paths import AUTOGRAD, FUSED
+from lorakit.kernels.shared_input import lora_linears_one_input
+from lorakit.kernels.swiglu import swiglu_lora
 from tests.models import autograd_nodes, loss_and_grads, randomize_adapters, tiny_llama, tokens
 
 
@@ -89,7 +91,7 @@ def test_swiglu_with_lora_down_under_autocast(p):
 
 def test_a_layer_under_autocast_takes_the_fused_path():
     layer = LoraLinear(torch.nn.Linear(16, 8), r=4)
-    assert layer.path_for(torch.float32, autocast=True) == FUSED
+    assert paths.path_for(layer, torch.float32, autocast=True) == FUSED
     with bf16():
         out = layer(torch.randn(3, 16))
     node = out.grad_fn
@@ -101,13 +103,13 @@ def test_a_layer_under_autocast_takes_the_fused_path():
 def test_fp32_adapters_beside_a_bf16_base_take_the_fused_path_under_autocast_only():
     layer = LoraLinear(torch.nn.Linear(16, 8).to(torch.bfloat16), r=4)
     assert layer.lora_A["default"].weight.dtype == torch.float32  # adapters train in fp32, as PEFT's do
-    assert layer.path_for(torch.bfloat16, autocast=True) == FUSED
-    assert layer.path_for(torch.bfloat16, autocast=False) == AUTOGRAD
+    assert paths.path_for(layer, torch.bfloat16, autocast=True) == FUSED
+    assert paths.path_for(layer, torch.bfloat16, autocast=False) == AUTOGRAD
 
 
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_a_fused_llama_under_autocast_trains_like_the_plain_one(dropout, base_dtype):
+def test_a_fused_llama_under_autocast_trains_like_the_plain_one(dropout, base_dtype, monkeypatch):
     """Both an fp32 base and a bf16 one with fp32 adapters (how lorakit train runs on a GPU)."""
     results = []
     for fused in (True, False):
@@ -118,9 +120,7 @@ def test_a_fused_llama_under_autocast_trains_like_the_plain_one(dropout, base_dt
             fuse_gated_mlps(model)
             group_attention_inputs(model)
         else:  # the reference: every layer on the autograd path (torch's dropout: same p, its own masks)
-            for module in model.modules():
-                if isinstance(module, LoraLinear):
-                    module.fused_adapter = lambda *args: None
+            monkeypatch.setattr(paths, "fused_adapter", lambda *args: None)
         model.train()
         torch.manual_seed(0)
         with bf16():

@@ -6,9 +6,9 @@ import torch
 import lorakit
 from lorakit import LoraConfig, add_adapter
 from lorakit.core.combine import combine_adapters
-from lorakit.core.io import load_adapter, save_adapter
 from lorakit.core.layers import LoraEmbedding
 from lorakit.core.walk import lora_layers
+from lorakit.formats.io import load_adapter, save_adapter
 from tests.models import logits, randomize_adapters, tiny_llama, tokens
 
 

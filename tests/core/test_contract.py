@@ -9,10 +9,11 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig, add_adapter, delete_adapter, merge, merge_and_unload, set_adapter, unmerge
-from lorakit.core import lora_function
 from lorakit.core.contract import LoraLayer
-from lorakit.core.layers import AUTOGRAD, FUSED, UPDATE, LoraEmbedding, LoraLinear
+from lorakit.core.layers import LoraEmbedding, LoraLinear
 from lorakit.core.registry import adapter_configs
+from lorakit.kernels import lora_function, paths
+from lorakit.kernels.paths import AUTOGRAD, FUSED, UPDATE
 from tests.models import MLP, logits, randomize_adapters, tiny_llama, tokens
 
 
@@ -141,7 +142,7 @@ def reference(layer, x):
 
 
 @pytest.mark.parametrize(("path", "adapters"), [(FUSED, 1), (UPDATE, 1), (AUTOGRAD, 1), (UPDATE, 2), (AUTOGRAD, 2)])
-def test_every_path_gives_the_plain_formulas_values_and_gradients(path, adapters):
+def test_every_path_gives_the_plain_formulas_values_and_gradients(path, adapters, monkeypatch):
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(12, 7).double(), r=3, alpha=6)
     if adapters == 2:
@@ -149,8 +150,8 @@ def test_every_path_gives_the_plain_formulas_values_and_gradients(path, adapters
         layer.set_active(["default", "second"])
     with torch.no_grad():
         layer.b("default").weight.normal_()
-    assert layer.path_for(torch.float64, False) == (FUSED if adapters == 1 else UPDATE)
-    layer.path_for = lambda dtype, autocast: path  # force the path under test
+    assert paths.path_for(layer, torch.float64, False) == (FUSED if adapters == 1 else UPDATE)
+    monkeypatch.setattr(paths, "path_for", lambda layer, dtype, autocast: path)  # force the path under test
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     ours, theirs = layer(x), reference(layer, x)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
@@ -162,11 +163,11 @@ def test_every_path_gives_the_plain_formulas_values_and_gradients(path, adapters
 
 def test_the_path_follows_dtypes_and_autocast():
     layer = LoraLinear(nn.Linear(8, 4), r=2)
-    assert layer.path_for(torch.float32, autocast=False) == FUSED
-    assert layer.path_for(torch.float32, autocast=True) == FUSED  # the function casts to autocast's dtype
-    assert layer.path_for(torch.bfloat16, autocast=False) == AUTOGRAD  # fp32 adapters beside a bf16 input
+    assert paths.path_for(layer, torch.float32, autocast=False) == FUSED
+    assert paths.path_for(layer, torch.float32, autocast=True) == FUSED  # the function casts to autocast's dtype
+    assert paths.path_for(layer, torch.bfloat16, autocast=False) == AUTOGRAD  # fp32 adapters beside a bf16 input
     layer.base.bias.requires_grad_(True)
-    assert layer.path_for(torch.float32, autocast=False) == UPDATE
+    assert paths.path_for(layer, torch.float32, autocast=False) == UPDATE
 
 
 def masks_drawn(monkeypatch, model):
@@ -188,14 +189,14 @@ def test_modules_reading_one_input_draw_their_own_masks_when_asked(monkeypatch):
 
 
 @pytest.mark.parametrize("path", [FUSED, UPDATE, AUTOGRAD])
-def test_the_same_input_tensor_fed_again_gets_a_new_mask(path):
+def test_the_same_input_tensor_fed_again_gets_a_new_mask(path, monkeypatch):
     # A loop that feeds one batch tensor again (or a model whose first module is a LoRA layer)
     # must not meet its first forward's dropout mask again.
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(64, 32), r=8, alpha=16, dropout=0.5)
     with torch.no_grad():
         layer.b("default").weight.normal_()
-    layer.path_for = lambda dtype, autocast: path
+    monkeypatch.setattr(paths, "path_for", lambda layer, dtype, autocast: path)
     x = torch.randn(4, 64)
     assert not torch.equal(layer(x), layer(x))
 

@@ -7,9 +7,11 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig, add_adapter, merge, merge_and_unload, unmerge
-from lorakit.core import dora, lora_function
+from lorakit.core import dora
 from lorakit.core.combine import combine_adapters
-from lorakit.core.layers import AUTOGRAD, UPDATE, LoraLinear
+from lorakit.core.layers import LoraLinear
+from lorakit.kernels import lora_function, paths
+from lorakit.kernels.paths import AUTOGRAD, UPDATE
 from lorakit.quant import quantize_model
 from tests.models import logits, tiny_llama, tokens
 
@@ -47,7 +49,7 @@ def dora_linear(base=None, r=3, alpha=6.0, dropout=0.0):
 
 
 def assert_values_and_gradients(layer, x, expected_path, masks=None, tol=1e-12):
-    assert layer.path_for(x.dtype, False) == expected_path
+    assert paths.path_for(layer, x.dtype, False) == expected_path
     ours, theirs = layer(x), reference(layer, x, masks=masks)
     torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
     leaves = [x, *[p for n in layer.live_adapters() for p in layer.adapter_parameters(n)]]
@@ -58,10 +60,10 @@ def assert_values_and_gradients(layer, x, expected_path, masks=None, tol=1e-12):
 
 
 @pytest.mark.parametrize("path", [UPDATE, AUTOGRAD])
-def test_every_path_gives_the_float64_formulas_values_and_gradients(path):
+def test_every_path_gives_the_float64_formulas_values_and_gradients(path, monkeypatch):
     layer = dora_linear()
-    assert layer.path_for(torch.float64, False) == UPDATE  # DoRA is never the fused plain-LoRA function
-    layer.path_for = lambda dtype, autocast: path  # force the path under test
+    assert paths.path_for(layer, torch.float64, False) == UPDATE  # DoRA is never the fused plain-LoRA function
+    monkeypatch.setattr(paths, "path_for", lambda layer, dtype, autocast: path)  # force the path under test
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     assert_values_and_gradients(layer, x, path)
 
@@ -73,7 +75,7 @@ def test_the_fused_mlp_leaves_a_dora_down_proj_to_its_layer():
     ids = tokens()
     expected = logits(model, ids)
     fuse_gated_mlps(model)
-    assert model.model.layers[0].mlp.down_proj.fused_adapter(torch.float32, False) is None
+    assert paths.fused_adapter(model.model.layers[0].mlp.down_proj, torch.float32, False) is None
     torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-6)
 
 
@@ -186,10 +188,10 @@ def test_qdora_norm_uses_the_dequantized_weight_and_keeps_no_full_precision_copy
 
 
 def test_the_row_norm_is_computed_once_per_step_not_per_micro_batch(monkeypatch):
-    calls = []
+    model = add_adapter(tiny_llama(), LoraConfig(r=4, alpha=8, use_dora=True, targets=["q_proj", "v_proj"]))
+    calls = []  # counted from here: the norms that start the magnitudes are not a step's
     original = dora.row_norm
     monkeypatch.setattr(dora, "row_norm", lambda *args: calls.append(1) or original(*args))
-    model = add_adapter(tiny_llama(), LoraConfig(r=4, alpha=8, use_dora=True, targets=["q_proj", "v_proj"]))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     layers = 4
@@ -248,8 +250,8 @@ def test_the_setting_is_validated():
 
 
 def test_inspect_names_dora_and_counts_the_magnitudes(tmp_path):
-    from lorakit.core.inspect_adapter import inspect_adapter
-    from lorakit.core.io import save_adapter
+    from lorakit.formats.inspect_adapter import inspect_adapter
+    from lorakit.formats.io import save_adapter
 
     model = add_adapter(tiny_llama(), LoraConfig(r=4, alpha=8, use_dora=True, targets=["q_proj"]))
     save_adapter(model, tmp_path)

@@ -7,7 +7,8 @@ from torch import nn
 
 from lorakit import LoraConfig, add_adapter, disable_adapters, set_adapter
 from lorakit.core.layers import LoraLinear
-from lorakit.hf.fused_attention import group_attention_inputs
+from lorakit.fusion.fused_attention import group_attention_inputs
+from lorakit.kernels import dispatch
 from tests.models import randomize_adapters, tiny_llama, tokens
 
 
@@ -36,7 +37,7 @@ def test_eval_output_is_the_formula_and_equals_the_autograd_forward(bias, shape)
     layer = one_layer(dropout=0.1, bias=bias).eval()
     x = torch.randn(*shape)
     with torch.no_grad():
-        assert layer._inference(x) is not None
+        assert dispatch.inference(layer, x) is not None
         fast = layer(x)
     slow = layer(x)  # autograd on: the fused autograd function
     assert fast.shape == (*shape[:-1], 10)
@@ -47,9 +48,9 @@ def test_eval_output_is_the_formula_and_equals_the_autograd_forward(bias, shape)
 def test_training_mode_without_dropout_takes_it_and_with_dropout_does_not():
     x = torch.randn(6, 12)
     with torch.no_grad():
-        assert one_layer(dropout=0.0).train()._inference(x) is not None
+        assert dispatch.inference(one_layer(dropout=0.0).train(), x) is not None
         layer = one_layer(dropout=0.5).train()
-        assert layer._inference(x) is None
+        assert dispatch.inference(layer, x) is None
         torch.manual_seed(3)
         dropped = layer(x)
     # dropout still applies: the output is not the formula without it
@@ -63,17 +64,17 @@ def test_other_cases_fall_back_to_the_general_paths():
         layer.add("second", r=2, scale=1.5)
         layer.set_active(["default", "second"])
         torch.nn.init.normal_(layer.factors("second")[1])
-        assert layer._inference(x) is None  # two live adapters
+        assert dispatch.inference(layer, x) is None  # two live adapters
         torch.testing.assert_close(layer(x).double(), formula(layer, x, ["default", "second"]), rtol=1e-5, atol=1e-5)
         layer.set_active(["default"])
-        assert layer._inference(x.double()) is None  # x in another dtype than W, A and B
+        assert dispatch.inference(layer, x.double()) is None  # x in another dtype than W, A and B
         with torch.autocast("cpu", torch.bfloat16):
-            assert layer._inference(x) is None
+            assert dispatch.inference(layer, x) is None
         layer.add("dora", r=2, scale=1.0, use_dora=True)
         layer.set_active(["dora"])
-        assert layer._inference(x) is None
+        assert dispatch.inference(layer, x) is None
         layer.set_active([])
-        assert layer._inference(x) is None
+        assert dispatch.inference(layer, x) is None
         torch.testing.assert_close(layer(x).double(), formula(layer, x, []), rtol=1e-6, atol=1e-6)
 
 
@@ -81,9 +82,9 @@ def test_a_16_bit_layer_runs_in_its_dtype():
     layer = one_layer(dtype=torch.bfloat16).eval()
     x = torch.randn(3, 12, dtype=torch.bfloat16)
     with torch.no_grad():
-        assert layer._inference(x) is None  # fp32 adapters beside a 16-bit base: the autograd path's casts
+        assert dispatch.inference(layer, x) is None  # fp32 adapters beside a 16-bit base: the autograd path's casts
         layer.to(torch.bfloat16)
-        assert layer._inference(x) is not None
+        assert dispatch.inference(layer, x) is not None
         out = layer(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), formula(layer, x, ["default"]), rtol=2e-2, atol=5e-2)

@@ -8,7 +8,7 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig, add_adapter, delete_adapter, set_adapter
-from lorakit.core.io import load_adapter, save_adapter
+from lorakit.formats.io import load_adapter, save_adapter
 from tests.models import logits, randomize_adapters, tiny_llama, tokens
 
 

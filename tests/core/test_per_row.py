@@ -7,9 +7,9 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig, add_adapter, disable_adapters, set_adapter
-from lorakit.core import rows as rows_module
 from lorakit.core.per_row import adapters_per_row
 from lorakit.core.rows import RowAdapters
+from lorakit.kernels import row_stacks as rows_module
 from tests.models import logits, randomize_adapters, tiny_bert, tiny_llama, tokens
 
 
@@ -207,7 +207,7 @@ def expected_rows(layer, x, rows):
 @pytest.mark.parametrize("by_slot", [True, False], ids=["by slot", "by row"])
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_kept_stacks_follow_every_change_of_the_adapters(tokens, by_slot, monkeypatch):
-    """Without autograd the stacks are kept from forward to forward (rows.StackedFactors); any change
+    """Without autograd the stacks are kept from forward to forward (row_stacks.StackedFactors); any change
     of a factor, a scale, the adapters held or the dtype makes the next forward restack. Both routes
     (the rows grouped by slot, or each row's factors picked) give the formula."""
     monkeypatch.setattr(rows_module, "_by_slot_pays", lambda *_: by_slot)

@@ -10,8 +10,8 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig, add_adapter
-from lorakit.core.io import load_adapter, save_adapter
 from lorakit.core.layers import LoraLinear
+from lorakit.formats.io import load_adapter, save_adapter
 from lorakit.quant import quantize_model
 from tests.models import logits, tiny_gpt2, tiny_llama, tokens
 

@@ -6,6 +6,7 @@ import torch
 import lorakit
 from lorakit import LoraConfig, add_adapter, merge_and_unload
 from lorakit.core.layers import LoraLinear
+from lorakit.kernels import paths
 from lorakit.quant import NF4Linear, quantize_model
 from tests.models import autograd_nodes, logits, randomize_adapters, tiny_gpt2, tiny_llama, tokens
 
@@ -105,7 +106,7 @@ def test_a_4bit_llama_on_the_fused_paths_trains_as_on_the_plain_ones(dropout, mo
         group_attention_inputs(model)
         model.train()
         if not fused:
-            monkeypatch.setattr(LoraLinear, "fused_adapter", lambda self, dtype, autocast: None)
+            monkeypatch.setattr(paths, "fused_adapter", lambda layer, dtype, autocast: None)
         torch.manual_seed(0)
         loss = model(input_ids=tokens(), labels=tokens()).loss
         nodes = {type(node).__name__ for node in autograd_nodes(loss)}
@@ -125,6 +126,6 @@ def test_a_4bit_llama_on_the_fused_paths_trains_as_on_the_plain_ones(dropout, mo
 def test_a_4bit_layer_takes_the_fused_path_only_where_the_dtypes_allow():
     model = qlora_llama()
     layer = model.model.layers[0].self_attn.q_proj
-    assert layer.path_for(torch.float32, autocast=False) == "fused"
-    assert layer.path_for(torch.float32, autocast=True) != "fused"  # autocast: the per-layer paths
-    assert layer.path_for(torch.bfloat16, autocast=False) != "fused"  # x not in the compute dtype
+    assert paths.path_for(layer, torch.float32, autocast=False) == "fused"
+    assert paths.path_for(layer, torch.float32, autocast=True) != "fused"  # autocast: the per-layer paths
+    assert paths.path_for(layer, torch.bfloat16, autocast=False) != "fused"  # x not in the compute dtype

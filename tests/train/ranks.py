@@ -32,7 +32,7 @@ import torch
 # What every rank imports: loaded once in the forkserver, shared by every rank forked from it.
 # (Not matplotlib.pyplot: it would pick its backend here, before lorakit asks for Agg.)
 PRELOAD = ["tests.train.ranks", "tests.train.helpers", "transformers.models.llama.modeling_llama",
-           "torch.distributed.fsdp", "torch.nn.parallel", "lorakit.quant", "lorakit.core.io"]
+           "torch.distributed.fsdp", "torch.nn.parallel", "lorakit.quant", "lorakit.formats.io"]
 JOB_HANG_S = 90  # a job that takes longer has hung: the rank prints where it is, then ends
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

@@ -99,7 +99,7 @@ def test_the_cli_flags(tmp_path, capsys):
 
 
 def test_a_run_with_dora_pissa_and_loraplus_writes_a_plain_adapter_for_the_original_base(tmp_path):
-    from lorakit.core.io import load_adapter
+    from lorakit.formats.io import load_adapter
     from tests.models import logits
 
     data = write_data(tmp_path)

@@ -1,0 +1,151 @@
+"""Atomic folder writes: temporary folders named by PID, stale ones removed, umask permissions."""
+
+import os
+import re
+import stat
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from safetensors.torch import save_file
+
+from lorakit import LoraConfig, add_adapter
+from lorakit.formats import atomic as files
+from lorakit.formats.atomic import fresh_temp_folder, remove_stale_temps, write_folder_atomically
+from lorakit.formats.io import save_adapter
+from lorakit.hf.saving import save_merged
+from tests.models import tiny_llama
+
+
+def dead_pid():
+    """The PID of a process that has exited (and was reaped), so no process holds it now."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def test_temp_folder_name_holds_the_writers_pid(tmp_path):
+    temp = fresh_temp_folder(tmp_path / "adapter", "tmp")
+    assert temp.parent == tmp_path and temp.is_dir()
+    assert re.fullmatch(rf"\.adapter\.tmp-{os.getpid()}-[0-9a-f]{{8}}", temp.name)
+    with pytest.raises(ValueError, match="lowercase letters, got 'TMP-1'"):
+        fresh_temp_folder(tmp_path / "adapter", "TMP-1")
+
+
+def test_stale_temps_are_removed_and_live_ones_kept(tmp_path):
+    dead, alive = dead_pid(), os.getpid()
+    stale = [f".adapter.tmp-{dead}-0a1b2c3d", f".adapter.old-{dead}-0a1b2c3d", f".tmp-checkpoint-40-{dead}",
+             f".partial-merged-{dead}", f".my.run.adapter.tmp-{dead}-deadbeef"]
+    live = [f".adapter.tmp-{alive}-0a1b2c3d", f".tmp-checkpoint-40-{alive}", f".partial-merged-{alive}"]
+    other = ["adapter", ".git", f".adapter.tmp-{dead}", f"checkpoint-{dead}", ".cache-12-ab"]
+    for name in stale + live + other:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_model.safetensors").write_text("x")
+    (tmp_path / f".tmp-checkpoint-7-{dead}.txt").write_text("a file, not a writer's folder")
+    removed = remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(live + other + [f".tmp-checkpoint-7-{dead}.txt"])
+    assert remove_stale_temps(tmp_path / "nowhere") == []
+
+
+def test_only_the_named_targets_temps_are_removed(tmp_path):
+    dead = dead_pid()
+    for name in (f".adapter.tmp-{dead}-0a1b2c3d", f".merged.tmp-{dead}-0a1b2c3d", f".tmp-checkpoint-5-{dead}"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in remove_stale_temps(tmp_path, "adapter")] == [f".adapter.tmp-{dead}-0a1b2c3d"]
+    assert [p.name for p in remove_stale_temps(tmp_path, "checkpoint-5")] == [f".tmp-checkpoint-5-{dead}"]
+    assert [p.name for p in tmp_path.iterdir()] == [f".merged.tmp-{dead}-0a1b2c3d"]
+
+
+def test_a_pid_of_another_user_counts_as_running(tmp_path, monkeypatch):
+    def kill(pid, signal):
+        raise PermissionError("not yours")
+
+    monkeypatch.setattr(files.os, "kill", kill)
+    (tmp_path / ".adapter.tmp-1-0a1b2c3d").mkdir()
+    assert remove_stale_temps(tmp_path) == []
+    assert (tmp_path / ".adapter.tmp-1-0a1b2c3d").is_dir()
+
+
+def test_a_replacement_killed_between_its_renames_gets_the_old_folder_back(tmp_path):
+    old = tmp_path / f".adapter.old-{dead_pid()}-0a1b2c3d"
+    (old / "adapter").mkdir(parents=True)
+    (old / "adapter" / "adapter_config.json").write_text("{}")
+    assert remove_stale_temps(tmp_path) == [old]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    assert (tmp_path / "adapter" / "adapter_config.json").read_text() == "{}"
+
+
+def test_write_folder_atomically_creates_swaps_merges_or_refuses(tmp_path):
+    target = tmp_path / "deep" / "out"
+
+    def writer(text):
+        def write(folder):
+            (folder / "a.txt").write_text(text)
+            (folder / "b.txt").write_text(text)
+        return write
+
+    write_folder_atomically(target, writer("one"))
+    assert (target / "a.txt").read_text() == "one"
+    write_folder_atomically(target, writer("two"), replaceable={"a.txt", "b.txt"})  # swapped whole
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt", "b.txt"]
+    (target / "keep.txt").write_text("mine")
+    write_folder_atomically(target, writer("three"), replaceable={"a.txt", "b.txt"}, merge_order=["b.txt", "a.txt"])
+    assert (target / "a.txt").read_text() == "three" and (target / "keep.txt").read_text() == "mine"
+    with pytest.raises(FileExistsError, match=r"out already exists and holds a.txt, b.txt, keep.txt; choose"):
+        write_folder_atomically(target, writer("four"), replaceable=())
+    assert (target / "a.txt").read_text() == "three"
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["out"]  # no temporary folder left
+
+
+@pytest.fixture(params=[0o022, 0o077, 0o002])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def modes(folder):
+    """Mode bits of `folder` and of everything under it, by path relative to `folder`."""
+    found = {".": stat.S_IMODE(folder.stat().st_mode)}
+    for path in folder.rglob("*"):
+        found[str(path.relative_to(folder))] = stat.S_IMODE(path.stat().st_mode)
+    return found
+
+
+def expected_modes(found, mask, folders=(".",)):
+    return {path: (0o777 if path in folders else 0o666) & ~mask for path in found}
+
+
+def test_adapter_files_get_the_umasks_permissions(umask, tmp_path):
+    model = tiny_llama()
+    add_adapter(model, LoraConfig(r=2, targets=["q_proj"]))
+    folder = save_adapter(model, tmp_path / "runs" / "adapter")
+    found = modes(folder)
+    assert set(found) == {".", "adapter_config.json", "adapter_model.safetensors"}
+    assert found == expected_modes(found, umask)  # under umask 022: folder 0755, files 0644
+    assert stat.S_IMODE((tmp_path / "runs").stat().st_mode) == 0o777 & ~umask
+    save_adapter(model, folder)  # replacing keeps them
+    assert modes(folder) == found
+    (folder / "optimizer.safetensors").write_text("a checkpoint's other file")
+    save_adapter(model, folder)  # files moved in one by one
+    assert modes(folder)["adapter_model.safetensors"] == 0o666 & ~umask
+
+
+def test_merged_model_files_get_the_umasks_permissions(umask, tmp_path):
+    def save_pretrained(folder):  # safetensors creates its files 0600, as transformers' save_pretrained does
+        save_file({}, str(folder / "model.safetensors"))
+        (folder / "sub").mkdir()
+        save_file({}, str(folder / "sub" / "part.safetensors"))
+
+    model = SimpleNamespace(config=SimpleNamespace(), hf_quantizer=None, save_pretrained=save_pretrained)
+    tokenizer = SimpleNamespace(save_pretrained=lambda folder: (folder / "tokenizer.json").write_text("{}"))
+    output = tmp_path / "merged"
+    (tmp_path / f".partial-merged-{dead_pid()}").mkdir()  # left by a merge killed before this one
+    save_merged(model, tokenizer, output)
+    found = modes(output)
+    assert set(found) == {".", "model.safetensors", "sub", "sub/part.safetensors", "tokenizer.json"}
+    assert found == expected_modes(found, umask, folders=(".", "sub"))
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+    with pytest.raises(FileExistsError, match="merged already exists"):
+        save_merged(model, tokenizer, output)
