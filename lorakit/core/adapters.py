@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lorakit.core.contract import base_kind
+from lorakit.core.contract import is_quantized
 from lorakit.core.merge import merge, unmerge
 from lorakit.core.registry import (
     active_adapters,
@@ -96,7 +96,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     storage: set[int] = set()  # a quantized weight's codes and scales (parameters, so FSDP2 shards them)
     for module in model.modules():
-        if base_kind(module) == "quantized":
+        if is_quantized(module):
             total += int(module.in_features) * int(module.out_features)  # type: ignore[arg-type]
             storage |= {id(p) for p in module.parameters() if p is not getattr(module, "bias", None)}
     for param in model.parameters():

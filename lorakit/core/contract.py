@@ -36,10 +36,26 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def base_kind(module: nn.Module) -> str | None:
-    """The kind of base module a LoRA layer can wrap ("linear", "conv1d", "embedding", "quantized"), or None.
+    """The kind of base module a LoRA layer can wrap ("linear", "conv1d", "embedding", "quantized", or
+    the `kind_name` of a registered kind that wraps it), or None."""
+    kind = builtin_kind(module)
+    if kind is None:
+        registered = layer_class(module)
+        kind = None if registered is None else registered.kind_name
+    return kind
 
-    The one place that tells these kinds apart; "quantized" is any module with `in_features`,
-    `out_features` and `dequantize_weight()`, such as lorakit's NF4Linear.
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether `module` is a quantized base (a 4-bit linear such as NF4Linear): the one test of that."""
+    return builtin_kind(module) == "quantized"
+
+
+def builtin_kind(module: nn.Module) -> str | None:
+    """The kinds of base lorakit's own layer kinds wrap: "linear", "conv1d", "embedding", "quantized".
+
+    The one place that tells these apart; "quantized" is any module with `in_features`,
+    `out_features` and `dequantize_weight()`, such as lorakit's NF4Linear (duck typing: core
+    imports no quantization code).
     """
     if isinstance(module, nn.Linear):
         return "linear"
@@ -53,8 +69,11 @@ def base_kind(module: nn.Module) -> str | None:
 
 
 def in_out(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of a linear, Conv1D, 4-bit linear or embedding (num_embeddings, dim)."""
-    kind = base_kind(module)
+    """(in, out) of a linear, Conv1D, 4-bit linear or embedding (num_embeddings, dim), or what a
+    registered kind's `sizes` says."""
+    kind = builtin_kind(module)
+    if kind is None and layer_class(module) is not None:
+        return layer_class(module).sizes(module)  # type: ignore[union-attr]
     if kind == "conv1d":
         rows, cols = module.weight.shape  # type: ignore[union-attr,misc]
         return int(rows), int(cols)
@@ -76,6 +95,49 @@ def base_device(base: nn.Module) -> torch.device:
     for tensor in [*base.parameters(), *base.buffers()]:
         return tensor.device
     return torch.device("cpu")
+
+
+KINDS: list[type[LoraLayer]] = []
+"""The LoRA layer kinds, in the order `layer_class` asks them (`register_kind` adds one)."""
+
+
+def register_kind(kind: type[LoraLayer]) -> type[LoraLayer]:
+    """Make `kind` (a LoraLayer subclass) wrap the modules its `wraps` accepts; usable as a decorator.
+
+    From then on add_adapter targets those modules, and save_adapter / load_adapter write and read
+    the kind's `peft_keys`: a new kind is this one class.
+    """
+    if kind not in KINDS:
+        KINDS.append(kind)
+    return kind
+
+
+def layer_class(module: nn.Module) -> type[LoraLayer] | None:
+    """The registered LoRA layer kind that wraps `module`, or None."""
+    return next((kind for kind in KINDS if kind.wraps(module)), None)
+
+
+class AdapterModule(Protocol):
+    """What every lorakit wrapper answers (LoraLayer, and ModulesToSave for modules trained in full):
+    the one interface set/delete/disable, per-row, save and merge_and_unload use, without asking
+    which wrapper it is."""
+
+    path: str
+    active_adapters: list[str]
+    disabled: bool
+    row_adapters: RowAdapters | None
+
+    def adapter_names(self) -> list[str]: ...
+
+    def set_active(self, names: Sequence[str]) -> None: ...
+
+    def delete(self, name: str) -> None: ...
+
+    def peft_state(self, name: str) -> dict[str, torch.Tensor]: ...
+
+    def original(self) -> nn.Module: ...
+
+    def unloaded(self, names: Sequence[str], quantized: str | None) -> nn.Module: ...
 
 
 class FastPaths(Protocol):
@@ -117,6 +179,8 @@ class LoraLayer(nn.Module):
     """Whether PiSSA / OLoRA can start an adapter here from the base weight's decomposition."""
     is_embedding = False
     """Whether the base is a lookup table (nn.Embedding): its A is read by index, not multiplied."""
+    kind_name = ""
+    """What `base_kind` calls the modules this kind wraps, for a kind outside lorakit's own."""
     kernels: FastPaths | None = None
     """The fast paths (lorakit.kernels.dispatch, handed over by `import lorakit`); None runs the reference."""
 
@@ -140,6 +204,16 @@ class LoraLayer(nn.Module):
         self.training = base.training  # follow the model's mode, not nn.Module's default
 
     # --- what each kind provides -----------------------------------------------------------------
+
+    @classmethod
+    def wraps(cls, module: nn.Module) -> bool:
+        """Whether this kind wraps `module` (see `register_kind`)."""
+        return False
+
+    @classmethod
+    def sizes(cls, module: nn.Module) -> tuple[int, int]:
+        """(in, out) of a module this kind wraps: the sizes A and B map between."""
+        return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
 
     def add(self, name: str, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming",
             share_dropout_mask: bool = True, use_dora: bool = False) -> None:
@@ -248,7 +322,7 @@ class LoraLayer(nn.Module):
     @property
     def mergeable(self) -> bool:
         """Whether deltas can be added to the base weight in place (not into a 4-bit weight)."""
-        return self.kind != "quantized"
+        return not is_quantized(self.base)
 
     def to_merge(self, names: Sequence[str]) -> list[str]:
         """The adapters among `names` that this layer holds and has not merged yet."""
@@ -306,6 +380,19 @@ class LoraLayer(nn.Module):
             for name in names:
                 merged = merged + self.delta_weight(name).to(weight.device)
         return merged
+
+    def unloaded(self, names: Sequence[str], quantized: str | None) -> nn.Module:
+        """The plain module that takes this layer's place in merge_and_unload, with `names` merged.
+
+        A mergeable base has them merged already (merge checks every layer first). A quantized base
+        builds the merged module itself (`to_linear`, as NF4Linear does): a plain linear, or with
+        quantized="requantize" a new 4-bit one; core knows no 4-bit format.
+        """
+        pending = self.to_merge(names)
+        if self.mergeable or not pending:
+            return self.base
+        base: Any = self.base
+        return base.to_linear(self.merged_weight(pending), requantize=quantized != "dequantize")  # type: ignore[no-any-return]
 
     def _base_weight(self) -> torch.Tensor:
         weight = self.base.dequantize_weight(torch.float32) if self.kind == "quantized" else self.base.weight  # type: ignore[operator]

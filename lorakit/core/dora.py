@@ -137,8 +137,8 @@ class Dora:
 
     def delta_weight(self, layer: Any, name: str) -> torch.Tensor:
         """(g - 1) W0 + g s B A, fp32, laid out like the base weight (so that W0 + delta = g (W0 + s B A))."""
-        delta, _ = dora_delta(layer.weight_rows(), *layer.factors(name), layer.scaling[name],
-                              layer.magnitude(name).weight)
+        a, b = layer.factors(name)
+        delta, _ = dora_delta(layer.weight_rows(), a, b, layer.scaling[name], layer.magnitude(name).weight)
         return delta.T if layer.weight_in_by_out else delta
 
     def add_delta(self, layer: Any, name: str, sign: float) -> None:

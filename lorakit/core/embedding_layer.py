@@ -29,6 +29,16 @@ class LoraEmbedding(LoraLayer):
     weight_in_by_out = True  # the weight is (num_embeddings x dim): in x out
     peft_keys = ("lora_embedding_A", "lora_embedding_B")
 
+    is_embedding = True
+
+    @classmethod
+    def wraps(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding)
+
+    @classmethod
+    def sizes(cls, module: nn.Module) -> tuple[int, int]:
+        return int(module.num_embeddings), int(module.embedding_dim)  # type: ignore[arg-type]
+
     def __init__(self, base: nn.Embedding, path: str = "", r: int | None = None, alpha: float | None = None,
                  name: str = "default") -> None:
         if not isinstance(base, nn.Embedding):

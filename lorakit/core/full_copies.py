@@ -66,6 +66,10 @@ class ModulesToSave(nn.Module):
                     return self.modules_to_save[name]
         return self.original_module
 
+    def unloaded(self, names: Sequence[str], quantized: str | None) -> nn.Module:
+        """What takes this holder's place in merge_and_unload: the module that runs now."""
+        return self.current()
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.row_adapters is None or self.disabled:
             return self.current()(*args, **kwargs)

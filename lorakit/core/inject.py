@@ -10,7 +10,7 @@ from torch import nn
 
 from lorakit.core.adapters import set_adapter
 from lorakit.core.config import ALL_LINEAR, LoraConfig, is_svd_init, path_matches
-from lorakit.core.contract import SUPPORTED_MODULES, LoraLayer, base_kind, in_out
+from lorakit.core.contract import SUPPORTED_MODULES, LoraLayer, base_kind, in_out, is_quantized, layer_class
 from lorakit.core.full_copies import ModulesToSave
 from lorakit.core.layers import LINEAR_KINDS, wrap
 from lorakit.core.registry import adapter_configs, refuse_merged
@@ -164,15 +164,16 @@ def _check_ranks(targets: list[tuple[str, nn.Module]], config: LoraConfig) -> No
 
 def _check_variants(targets: list[tuple[str, nn.Module]], config: LoraConfig) -> None:
     """DoRA and PiSSA/OLoRA work on linear targets; PiSSA/OLoRA on a 4-bit base only when allowed."""
-    kinds = {path: base_kind(unwrapped(module)) for path, module in targets}
-    embeddings = [path for path, kind in kinds.items() if kind not in LINEAR_KINDS]
-    if config.use_dora and embeddings:
+    kinds = {path: layer_class(unwrapped(module)) for path, module in targets}
+    no_dora = [path for path, kind in kinds.items() if kind is not None and not kind.supports_dora]
+    if config.use_dora and no_dora:
         raise ValueError(f"DoRA (use_dora) works on linear layers (nn.Linear, Conv1D, NF4Linear), not on the "
-                         f"embedding(s) {', '.join(embeddings[:3])}; leave them out of targets, or use plain LoRA")
-    if is_svd_init(config.init) and embeddings:
+                         f"embedding(s) {', '.join(no_dora[:3])}; leave them out of targets, or use plain LoRA")
+    no_svd = [path for path, kind in kinds.items() if kind is not None and not kind.supports_svd_init]
+    if is_svd_init(config.init) and no_svd:
         raise ValueError(f"init {config.init!r} works on linear layers, not on the embedding(s) "
-                         f"{', '.join(embeddings[:3])}; leave them out of targets, or use init 'kaiming'")
-    quantized = [path for path, kind in kinds.items() if kind == "quantized"]
+                         f"{', '.join(no_svd[:3])}; leave them out of targets, or use init 'kaiming'")
+    quantized = [path for path, module in targets if is_quantized(unwrapped(module))]
     if is_svd_init(config.init) and quantized and not config.allow_requantize:
         raise ValueError(f"init {config.init!r} turns the base weight into the residual W - s B A, but "
                          f"{quantized[0]} (and {len(quantized) - 1} more) is 4-bit: pass allow_requantize=True to "

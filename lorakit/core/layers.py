@@ -20,19 +20,24 @@ from torch import nn
 from lorakit.core.attached import shared
 from lorakit.core.config import is_svd_init
 from lorakit.core.contract import (
+    KINDS,
     SUPPORTED_MODULES,
     LoraLayer,
     adapter_dtype,
     base_device,
     base_kind,
+    builtin_kind,
     in_out,
     init_factors,
+    layer_class,
+    register_kind,
 )
 from lorakit.core.dora import DORA, Dora, Magnitude
 from lorakit.core.embedding_layer import LoraEmbedding
 from lorakit.core.init_methods import factors_from_weight, relative_error
 
-__all__ = ["SUPPORTED_MODULES", "LoraEmbedding", "LoraLayer", "LoraLinear", "base_kind", "in_out", "wrap"]
+__all__ = ["SUPPORTED_MODULES", "LoraEmbedding", "LoraLayer", "LoraLinear", "base_kind", "in_out", "layer_class",
+           "register_kind", "wrap"]
 
 LINEAR_KINDS = ("linear", "conv1d", "quantized")
 DORA_KEY = "lora_magnitude_vector"
@@ -52,9 +57,16 @@ class LoraLinear(LoraLayer):
     linear and holds one active, trainable adapter "default" (s = alpha / r).
     """
 
+    supports_dora = True
+    supports_svd_init = True
+
+    @classmethod
+    def wraps(cls, module: nn.Module) -> bool:
+        return builtin_kind(module) in LINEAR_KINDS
+
     def __init__(self, base: nn.Module, path: str = "", r: int | None = None, alpha: float | None = None,
                  dropout: float = 0.0, name: str = "default") -> None:
-        if base_kind(base) not in LINEAR_KINDS:
+        if not self.wraps(base):
             raise TypeError(f"LoraLinear cannot wrap {type(base).__name__} at {path!r}; it wraps nn.Linear, "
                             "transformers' Conv1D and lorakit's NF4Linear (nn.Embedding: LoraEmbedding)")
         super().__init__(base, path)
@@ -234,14 +246,14 @@ class LoraLinear(LoraLayer):
         return self.b(name)(self.a(name)(x_in)), self.scaling[name]
 
 
-LAYER_KINDS = (LoraLinear, LoraEmbedding)
-
-
-def layer_class(module: nn.Module) -> type[LoraLinear] | type[LoraEmbedding]:
-    """The LoRA layer kind that wraps `module` (which must be a supported kind)."""
-    return LoraEmbedding if base_kind(module) == "embedding" else LoraLinear
+register_kind(LoraLinear)
+register_kind(LoraEmbedding)
+LAYER_KINDS = KINDS
+"""Every LoRA layer kind: lorakit's two, then any a user registered (contract.register_kind)."""
 
 
 def wrap(module: nn.Module, path: str) -> LoraLayer:
     """A new LoRA layer around `module`, which must be a supported kind, in the module's train/eval mode."""
-    return layer_class(module)(module, path)  # type: ignore[arg-type]
+    kind = layer_class(module)
+    assert kind is not None, f"{type(module).__name__} is not a supported kind"
+    return kind(module, path)

@@ -7,15 +7,13 @@ merge. Deltas are computed in fp32 whatever the weight dtype, then cast once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
 from lorakit.core.contract import LoraLayer
-from lorakit.core.full_copies import ModulesToSave
 from lorakit.core.registry import active_adapters, forget_adapters, list_adapters, unknown_adapter_error
-from lorakit.core.walk import lora_layers, model_modules, replace_module
+from lorakit.core.walk import ADAPTER_MODULES, lora_layers, model_modules, replace_module
 
 QUANTIZED_MERGE_MODES = ("dequantize", "requantize")
 
@@ -107,12 +105,9 @@ def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None,
     _merge_layers(model, [layer for layer in layers if layer.mergeable], names, safe=True)
     forget_adapters(model)
     for path, module in list(model_modules(model)):
-        if isinstance(module, ModulesToSave):
-            plain = module.current()
-        elif isinstance(module, LoraLayer):
-            plain = module.base if module.mergeable else _merged_quantized(module, names, quantized)
-        else:
+        if not isinstance(module, ADAPTER_MODULES):
             continue
+        plain = module.unloaded(names, quantized)
         if not path:
             return plain  # the model was itself one wrapper
         replace_module(model, path, plain)
@@ -153,15 +148,3 @@ def _checked_names(model: nn.Module, names: Sequence[str] | None) -> list[str]:
     if unknown:
         raise unknown_adapter_error(model, unknown)
     return names
-
-
-def _merged_quantized(layer: LoraLayer, names: list[str], quantized: str | None) -> nn.Module:
-    """A plain linear (or, to requantize, a new 4-bit linear) holding the 4-bit base plus the deltas.
-
-    The quantized base builds both itself (`to_linear`, as NF4Linear does): core knows no 4-bit format.
-    """
-    pending = layer.to_merge(names)
-    if not pending:
-        return layer.base
-    base: Any = layer.base
-    return base.to_linear(layer.merged_weight(pending), requantize=quantized != "dequantize")  # type: ignore[no-any-return]

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.core.contract import LoraLayer, base_kind
+from lorakit.core.contract import AdapterModule, LoraLayer, base_kind
 from lorakit.core.full_copies import ModulesToSave
 
-AdapterModule = LoraLayer | ModulesToSave
 ADAPTER_MODULES = (LoraLayer, ModulesToSave)
+"""The classes that implement `AdapterModule`: what the walk stops at."""
 
 
 def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -42,7 +42,7 @@ def lora_layers(model: nn.Module) -> list[LoraLayer]:
 
 def adapter_modules(model: nn.Module) -> list[AdapterModule]:
     """Every lorakit wrapper of the model: LoRA layers and modules_to_save holders."""
-    return [module for _, module in model_modules(model) if isinstance(module, ADAPTER_MODULES)]
+    return [module for _, module in model_modules(model) if isinstance(module, ADAPTER_MODULES)]  # type: ignore[misc]
 
 
 def unwrapped(module: nn.Module) -> nn.Module:

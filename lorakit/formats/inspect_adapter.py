@@ -27,11 +27,11 @@ from lorakit.formats.adapter_folder import (
     read_header,
 )
 from lorakit.formats.peft_format import (
-    A_SUFFIXES,
     BASE_QUANTIZATION,
     CONFIG_FILE,
     PREFIX,
     WEIGHTS_FILE,
+    a_suffixes,
     config_from_json,
     rank_problems,
 )
@@ -136,7 +136,7 @@ def _lora_modules(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, str], l
     """(module path -> its A key, for complete 2-D A/B pairs; a problem per incomplete pair)."""
     modules, problems = {}, []
     for key, shape in shapes.items():
-        for suffix in A_SUFFIXES:
+        for suffix in a_suffixes():
             if key.startswith(PREFIX) and key.endswith(suffix):
                 path, key_b = key[len(PREFIX):-len(suffix)], _b_key(key)
                 if key_b not in shapes:
@@ -147,7 +147,7 @@ def _lora_modules(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, str], l
                 else:
                     modules[path] = key
     for key in shapes:
-        for suffix in A_SUFFIXES:
+        for suffix in a_suffixes():
             key_b = _b_key(suffix)
             if key.startswith(PREFIX) and key.endswith(key_b) and key[: -len(key_b)] + suffix not in shapes:
                 problems.append(f"module {key[len(PREFIX):-len(key_b)]!r} has {key_b[1:]} but no {suffix[1:]}")
@@ -220,7 +220,7 @@ def _other_tensors(shapes: dict[str, tuple[int, ...]], modules: dict[str, str], 
 
 def _b_key(key_a: str) -> str:
     """The B key beside an A key: `<path>.lora_A.weight` -> `<path>.lora_B.weight`."""
-    for suffix in A_SUFFIXES:
+    for suffix in a_suffixes():
         if key_a.endswith(suffix):
             return key_a[: -len(suffix)] + suffix.replace("_A", "_B")
     raise AssertionError(key_a)

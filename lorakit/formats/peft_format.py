@@ -20,16 +20,24 @@ import torch
 from torch import nn
 
 from lorakit.core.config import ALL_LINEAR, LoraConfig, is_svd_init, path_matches
-from lorakit.core.contract import LoraLayer, base_kind, in_out
+from lorakit.core.contract import LoraLayer, in_out, is_quantized, layer_class
 from lorakit.core.full_copies import ModulesToSave
 from lorakit.core.inject import find_targets
-from lorakit.core.layers import DORA_KEY, LAYER_KINDS, layer_class
+from lorakit.core.layers import DORA_KEY, LAYER_KINDS
 from lorakit.core.registry import adapter_configs
 from lorakit.core.walk import ADAPTER_MODULES, lora_layers, model_modules, unwrapped
 
 PREFIX = "base_model.model."
-A_SUFFIXES = tuple("." + kind.peft_keys[0] for kind in LAYER_KINDS)  # .lora_A.weight, .lora_embedding_A
-B_SUFFIXES = tuple("." + kind.peft_keys[1] for kind in LAYER_KINDS)
+
+
+def a_suffixes() -> tuple[str, ...]:
+    """How A's keys end, for every layer kind (registered ones too): .lora_A.weight, .lora_embedding_A, ..."""
+    return tuple(dict.fromkeys("." + kind.peft_keys[0] for kind in LAYER_KINDS))
+
+
+def b_suffixes() -> tuple[str, ...]:
+    """How B's keys end, for every layer kind."""
+    return tuple(dict.fromkeys("." + kind.peft_keys[1] for kind in LAYER_KINDS))
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
@@ -90,7 +98,7 @@ def planned_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int,
     for path in sorted(adapted):
         base = unwrapped(model.get_submodule(path))
         rank, (fan_in, fan_out) = config.rank_for(path), in_out(base)
-        key_a, key_b = layer_class(base).peft_keys
+        key_a, key_b = layer_class(base).peft_keys  # type: ignore[union-attr]
         shapes[f"{PREFIX}{path}.{key_a}"] = (rank, fan_in)  # A: r x in
         shapes[f"{PREFIX}{path}.{key_b}"] = (fan_out, rank)  # B: out x r
         if config.use_dora:
@@ -124,7 +132,7 @@ def optional_shapes(model: nn.Module, adapted: set[str], copied: set[str],
 def base_quantization(model: nn.Module, paths: Iterable[str]) -> str:
     """"nf4" when a module at one of `paths` (or the base inside its LoRA layer) is 4-bit, else "none"."""
     for path in paths:
-        if base_kind(unwrapped(model.get_submodule(path))) == "quantized":
+        if is_quantized(unwrapped(model.get_submodule(path))):
             return "nf4"
     return "none"
 
@@ -137,7 +145,7 @@ def rank_problems(config: LoraConfig, shapes: Mapping[str, tuple[int, ...]]) -> 
     """
     ranks: dict[str, set[int]] = {}
     for key, shape in shapes.items():
-        for suffix, axis in (*((s, 0) for s in A_SUFFIXES), *((s, 1) for s in B_SUFFIXES)):
+        for suffix, axis in (*((s, 0) for s in a_suffixes()), *((s, 1) for s in b_suffixes())):
             if key.startswith(PREFIX) and key.endswith(suffix) and len(shape) == 2:
                 ranks.setdefault(key[len(PREFIX):-len(suffix)], set()).add(shape[axis])
     wrong: dict[tuple[str, int], list[str]] = {}

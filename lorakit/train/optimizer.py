@@ -37,7 +37,7 @@ def parameter_groups(model: nn.Module, params: list[nn.Parameter], lr: float, lo
     for layer in lora_layers(model):
         for name in layer.adapter_names():
             a, b = layer.factors(name)
-            if layer.kind == "embedding":
+            if layer.is_embedding:
                 embedding_ids |= {id(a), id(b)}
             else:
                 b_ids.add(id(b))
