@@ -9,7 +9,7 @@ from lorakit import LoraConfig, add_adapter, fuse_gated_mlps
 from lorakit.core.layers import LoraLinear
 from lorakit.fusion.fused_attention import group_attention_inputs
 from lorakit.kernels import paths
-from lorakit.kernels.lora_function import draw_keep_mask, dropout_mask, lora_linear, quantized_dropout
+from lorakit.kernels.lora_function import draw_keep_mask, lora_linear, quantized_dropout
 from lorakit.kernels.paths import AUTOGRAD, FUSED
 from lorakit.kernels.shared_input import lora_linears_one_input
 from lorakit.kernels.swiglu import swiglu_lora
@@ -54,9 +54,10 @@ def test_the_fused_linear_under_autocast(p):
     x = torch.randn(4, 8, 64, requires_grad=True)
     weight, bias, a, b = factors(48, 8, 64)
     with bf16():
+        torch.manual_seed(1)
         ours = lora_linear(x, weight, bias, a, b, 2.0, p)
-        mask = dropout_mask(x, p)
-        x_in = x if mask is None else x * mask / (1 - quantized_dropout(p))
+        torch.manual_seed(1)  # the function's one draw is x's keep mask: drawn again from the same state
+        x_in = x * draw_keep_mask(x, p) / (1 - quantized_dropout(p)) if p else x
         theirs = plain(x_in, x, weight, bias, a, b, 2.0)
     compare([ours], [theirs], (x, a, b))
 
@@ -67,9 +68,10 @@ def test_the_shared_input_linears_under_autocast(p):
     x = torch.randn(4, 8, 64, requires_grad=True)
     linears = [(*factors(out, 8, 64), 2.0) for out in (64, 16, 16)]
     with bf16():
+        torch.manual_seed(1)
         ours = lora_linears_one_input(x, linears, p)
-        mask = dropout_mask(x, p)
-        x_in = x if mask is None else x * mask / (1 - quantized_dropout(p))
+        torch.manual_seed(1)  # one mask for the whole group: drawn again from the same state
+        x_in = x * draw_keep_mask(x, p) / (1 - quantized_dropout(p)) if p else x
         theirs = [plain(x_in, x, w, bias, a, b, s) for w, bias, a, b, s in linears]
     compare(ours, theirs, (x, *[t for _, _, a, b, _ in linears for t in (a, b)]))
 
