@@ -238,7 +238,7 @@ def _live_note(results: dict[str, Any]) -> list[str]:
     env = " ".join(f"{k}={v}" for k, v in live["env"].items())
     figures = ", ".join(f"{LABELS[k]} {_gib(v)}" for k, v in live["peak_rss"].items())
     return ["", "Peak RSS depends on glibc's allocator as much as on the tensors: freed blocks stay in the "
-            "process and fragment, so the same step peaks 0.5 to 0.8 GiB apart from run to run. The 'live peak' "
+            "process and fragment, so the same step's peak moves from run to run. The 'live peak' "
             f"rows come from one more child per configuration run with `{env}`, which makes glibc hand every "
             "freed block above 64 KiB back at once, so RSS follows the tensors alive: what training needs. "
             f"(Those steps are slower, from the page faults; their times are not used.) Live peaks: {figures}."]
