@@ -1,27 +1,31 @@
-"""Atomic folder writes, the temporary folders they use, and cleaning up after a killed writer.
+"""Atomic writes of files and folders, the temporaries they use, and cleaning up after a killed writer.
 
-A folder that matters (an adapter, a merged model) is written into a temporary folder beside its
-target, named `.NAME.KIND-PID-HEX` (the writer's PID, then a random suffix), flushed to disk and
-renamed into place, so a reader sees the old folder or the new one, never a mix. A writer killed
-mid-way leaves its temporary folder behind; `remove_stale_temps` deletes those whose writer is gone
-and never one whose writer still runs. Files and folders get the modes the umask asks for
-(0o666 / 0o777 minus the umask), since safetensors creates its files private (0600).
+Every write that matters follows one rule, for a file (`write_file_atomically`: run.json, a GGUF,
+metrics.jsonl, the loss plot) or a folder (`write_folder_atomically`: an adapter, a checkpoint, a
+merged model): the result is written into a temporary beside its target, named
+`.NAME.tmp-PID-HEX` (the writer's PID, then a random suffix), given the modes the umask asks for
+(0o666 / 0o777 minus the umask, since safetensors creates its files private, 0600), flushed to disk
+and renamed into place, so a reader sees the old version or the new one, never a mix or a part.
+A write that fails removes its temporary; a writer killed mid-way leaves it behind, and
+`remove_stale_temps` deletes those whose writer is gone and never one whose writer still runs.
 
 Only the standard library is imported here, so every layer can use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 # The temporary folders lorakit writers create, each with the writer's PID in a named group:
 _TEMP_PATTERNS = (
-    # write_folder_atomically: `.adapter.tmp-1234-9f8e7d6c`, `.adapter.old-1234-9f8e7d6c`
+    # write_folder_atomically: `.adapter.tmp-1234-9f8e7d6c`, `.adapter.old-1234-9f8e7d6c`;
+    # write_file_atomically: `.run.json.tmp-1234-9f8e7d6c` (a file)
     re.compile(r"\.(?P<name>.+)\.(?P<kind>[a-z]+)-(?P<pid>\d+)-[0-9a-f]{8}"),
     # train/checkpoint.py before it used this module: `.tmp-checkpoint-200-1234`
     re.compile(r"\.tmp-(?P<name>checkpoint-\d+)-(?P<pid>\d+)"),
@@ -38,11 +42,15 @@ def fresh_temp_folder(folder: Path, kind: str) -> Path:
     Raises:
         ValueError: `kind` is not lowercase letters (remove_stale_temps could not recognise it).
     """
-    if not re.fullmatch(r"[a-z]+", kind):
-        raise ValueError(f"temporary folder kind must be lowercase letters, got {kind!r}")
-    fresh = folder.parent / f".{folder.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    fresh = _temp_name(folder, kind)
     fresh.mkdir()
     return fresh
+
+
+def _temp_name(target: Path, kind: str) -> Path:
+    if not re.fullmatch(r"[a-z]+", kind):
+        raise ValueError(f"temporary folder kind must be lowercase letters, got {kind!r}")
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def check_parent(path: Path, name: str = "") -> None:
@@ -63,11 +71,34 @@ def check_parent(path: Path, name: str = "") -> None:
             return
 
 
-def write_folder_atomically(folder: Path, write: Callable[[Path], None], *,
+def write_file_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Run `write` into a temporary file beside `path`, then rename it over `path`.
+
+    The temporary file (`.NAME.tmp-PID-HEX`, created empty) is given the umask's normal mode and
+    flushed to disk before the rename; a `write` that raises leaves `path` as it was (old content or
+    missing) and no temporary file behind.
+
+    Args:
+        path: the file to create or replace (its parents are created when missing).
+        write: writes the whole file at the path it is given (it may truncate or recreate it);
+            what it returns is ignored (so `lambda tmp: tmp.write_text(text)` will do).
+
+    Raises:
+        ValueError: a folder on the way to `path` is a file.
+    """
+    with _temporary_beside(path, folder=False) as tmp:
+        write(tmp)
+        _make_durable(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+
+
+def write_folder_atomically(folder: Path, write: Callable[[Path], object], *,
                             replaceable: Collection[str] | None = None, merge_order: Sequence[str] = ()) -> None:
     """Run `write` into a fresh temporary folder beside `folder`, then move the result into place.
 
-    Before the move, every file is flushed to disk and given the umask's normal mode. Then:
+    The same rule as write_file_atomically: before the move, every file is given the umask's normal
+    mode and flushed to disk; a failure removes the temporary folder. Then:
     - `folder` missing: the temporary folder is renamed to it;
     - `folder` holding only names in `replaceable` (None: anything): it is swapped whole (the old
       folder is moved aside, the new one renamed in, the old one deleted);
@@ -84,15 +115,9 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], *,
         FileExistsError: `folder` holds other files and `merge_order` is empty.
         ValueError: a folder on the way to `folder` is a file.
     """
-    check_parent(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_temp_folder(folder, "tmp")
-    try:
+    with _temporary_beside(folder, folder=True) as tmp:
         write(tmp)
-        apply_umask(tmp)
-        for path in sorted(tmp.rglob("*"), reverse=True):  # files before the folders holding them
-            fsync_path(path)
-        fsync_path(tmp)
+        _make_durable(tmp)
         if not folder.exists():
             os.rename(tmp, folder)
         elif replaceable is None or {entry.name for entry in folder.iterdir()} <= set(replaceable):
@@ -111,8 +136,37 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], *,
             raise FileExistsError(f"{folder} already exists and holds {', '.join(others[:4])}"
                                   f"{', ...' if len(others) > 4 else ''}; choose a new folder")
         fsync_path(folder.parent)
+
+
+@contextlib.contextmanager
+def _temporary_beside(target: Path, folder: bool) -> Iterator[Path]:
+    """A fresh, empty temporary file or folder beside `target`, removed on the way out (a no-op once
+    it has been renamed into place)."""
+    check_parent(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        tmp = fresh_temp_folder(target, "tmp")
+    else:
+        # Not tempfile.mkstemp: its files are private (0600). O_EXCL: never a file someone else made.
+        tmp = _temp_name(target, "tmp")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
+
+def _make_durable(path: Path) -> None:
+    """Give `path` (a file, or a folder and all it holds) the umask's modes, then flush it to disk."""
+    apply_umask(path)
+    if path.is_dir():
+        for inner in sorted(path.rglob("*"), reverse=True):  # files before the folders holding them
+            fsync_path(inner)
+    fsync_path(path)
 
 
 def fsync_path(path: Path) -> None:
@@ -166,34 +220,41 @@ def apply_umask(path: Path) -> None:
 
 
 def remove_stale_temps(parent: Path, name: str | None = None) -> list[Path]:
-    """Delete the temporary folders in `parent` that writers killed mid-way left behind.
+    """Delete the temporaries in `parent` that writers killed mid-way left behind.
 
     A folder counts as temporary when its name is one lorakit writers use (`.NAME.KIND-PID-HEX`,
-    `.tmp-checkpoint-N-PID`, `.partial-NAME-PID`), and as stale when process PID is no longer
-    running. A folder whose writer still runs (or may: a PID this user cannot signal) is kept.
+    `.tmp-checkpoint-N-PID`, `.partial-NAME-PID`), a file when it is named `.NAME.tmp-PID-HEX`
+    (write_file_atomically); either is stale when process PID is no longer running. One whose
+    writer still runs (or may: a PID this user cannot signal) is kept.
     An `.NAME.old-*` folder still holding `NAME` while `parent/NAME` is missing is the previous
     version of a folder whose replacement was interrupted: it is moved back to `parent/NAME`.
     PIDs are those of this machine: a writer on another host sharing the folder is not seen.
 
     Args:
         parent: the folder to clean (nothing happens when it does not exist).
-        name: only the temporary folders of `parent/name`; None: all of them.
+        name: only the temporaries of `parent/name`; None: all of them.
 
     Returns:
-        The folders deleted (or restored), sorted.
+        The files and folders deleted (or restored), sorted.
     """
     if not parent.is_dir():
         return []
     removed = []
     for entry in sorted(parent.iterdir()):
         match = _temp_match(entry.name)
-        if (match is None or (name is not None and match["name"] != name) or not entry.is_dir()
-                or entry.is_symlink() or _is_running(int(match["pid"]))):
+        if match is None or (name is not None and match["name"] != name) or entry.is_symlink():
+            continue
+        kind = match.groupdict().get("kind")
+        if not (entry.is_dir() or (kind == "tmp" and entry.is_file())) or _is_running(int(match["pid"])):
             continue
         target = match["name"]
-        if match.groupdict().get("kind") == "old" and (entry / target).is_dir() and not (parent / target).exists():
-            os.rename(entry / target, parent / target)
-        shutil.rmtree(entry, ignore_errors=True)
+        if entry.is_file():
+            with contextlib.suppress(OSError):  # like rmtree(ignore_errors): gone already, or not ours
+                entry.unlink()
+        else:
+            if kind == "old" and (entry / target).is_dir() and not (parent / target).exists():
+                os.rename(entry / target, parent / target)
+            shutil.rmtree(entry, ignore_errors=True)
         if not entry.exists():
             removed.append(entry)
     return removed

@@ -1,13 +1,12 @@
-"""Writing a GGUF file atomically: into a temporary file beside the target, flushed, then renamed."""
+"""Writing a GGUF file atomically (formats/atomic.py): to a temporary file beside the target, then renamed."""
 
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
-from lorakit.formats.atomic import check_parent, fsync_path
+from lorakit.formats.atomic import write_file_atomically
 
 
 def check_output(path: str | os.PathLike[str], *sources: Path | None) -> Path:
@@ -47,17 +46,11 @@ def write_gguf_atomically(writer: Any, path: Path) -> int:
     Returns:
         The size of the file written, in bytes.
     """
-    check_parent(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
+    def write(tmp: Path) -> None:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_file_atomically(path, write)
     return path.stat().st_size

@@ -10,8 +10,8 @@ absolute path, size and modification time, so an edited or replaced file gets a 
 The cache root is `$LORAKIT_CACHE_DIR` if set, else `$XDG_CACHE_HOME/lorakit`, else
 `~/.cache/lorakit`.
 
-Entries are written atomically: the conversion saves into a `.partial-*` folder beside the
-final one and renames it into place, so a folder with the final name is always complete.
+Entries are written atomically (formats/atomic.py): the conversion saves into a temporary folder
+beside the final one and renames it into place, so a folder with the final name is always complete.
 """
 
 from __future__ import annotations
@@ -21,20 +21,23 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from lorakit.formats.atomic import write_folder_atomically
 from lorakit.hf.offline import hub_offline
 from lorakit.hf.saving import drop_gguf_marks
 
 CACHE_ENV_VAR = "LORAKIT_CACHE_DIR"
 GGUF_MAGIC = b"GGUF"
+# Temporary folders of a conversion are `.NAME.tmp-PID-HEX` (write_folder_atomically), or
+# `.partial-NAME-XXXXXXXX` when left by lorakit versions that wrote with tempfile.mkdtemp.
 PARTIAL_PREFIX = ".partial-"
-# A partial folder this old cannot belong to a conversion still running (they take ~30 s);
-# it was left by a killed process and only wastes disk.
+# A temporary folder this old cannot belong to a conversion still running (they take ~30 s);
+# it was left by a killed process and only wastes disk. Age, not the writer's PID: a cache on a
+# shared home folder may be converting on another host.
 STALE_PARTIAL_SECONDS = 3600.0
 
 # What a corrupt or truncated GGUF makes the gguf reader raise (struct.error for a cut header,
@@ -122,18 +125,13 @@ def ensure_cached(gguf_path: str | Path) -> Path:
     _remove_stale_partials(entry)
     logger.info("converting %s to a safetensors cache at %s (once; ~30 s for a 135M model)", path, entry)
     started = time.perf_counter()
-    partial = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{entry.name}-", dir=entry.parent))
     try:
-        _convert(path, partial)
-        try:
-            os.replace(partial, entry)
-        except OSError:
-            # Another process (say a second torchrun rank) finished first; its copy is as good.
-            if not is_complete(entry):
-                raise
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
+        # replaceable=(): an entry that appeared meanwhile is never replaced (a reader may be using it).
+        write_folder_atomically(entry, lambda target: _convert(path, target), replaceable=())
+    except OSError:  # FileExistsError, or the rename losing a race
+        # Another process (say a second torchrun rank) finished first; its copy is as good.
+        if not is_complete(entry):
+            raise
     logger.info("cached %s in %.1f s", path.name, time.perf_counter() - started)
     return entry
 
@@ -162,11 +160,12 @@ def _convert(gguf_path: Path, target: Path) -> None:
 
 
 def _remove_stale_partials(entry: Path) -> None:
-    """Delete `.partial-*` folders for `entry` that a killed conversion left behind."""
+    """Delete temporary folders for `entry` that a killed conversion left behind."""
     now = time.time()
-    for leftover in entry.parent.glob(f"{PARTIAL_PREFIX}{entry.name}-*"):
-        try:
-            if now - leftover.stat().st_mtime > STALE_PARTIAL_SECONDS:
-                shutil.rmtree(leftover, ignore_errors=True)
-        except FileNotFoundError:
-            pass  # another process removed it first
+    for pattern in (f".{entry.name}.tmp-*", f"{PARTIAL_PREFIX}{entry.name}-*"):
+        for leftover in entry.parent.glob(pattern):
+            try:
+                if now - leftover.stat().st_mtime > STALE_PARTIAL_SECONDS:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            except FileNotFoundError:
+                pass  # another process removed it first

@@ -1,4 +1,8 @@
-"""metrics.jsonl (one JSON object per event) and the loss curve plot."""
+"""metrics.jsonl (one JSON object per event) and the loss curve plot.
+
+Starting, trimming (on resume) and plotting replace the file whole (formats/atomic.py); events are
+appended, and a torn last line (the only damage an append can do) is dropped when read.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from lorakit.formats.atomic import write_file_atomically
 
 
 class MetricsLog:
@@ -16,10 +22,11 @@ class MetricsLog:
         self.path = path
         self._say = say
         if resume_step is None:
-            path.write_text("")
+            write_file_atomically(path, lambda tmp: tmp.write_text(""))
         elif path.exists():
             kept = [event for event in self.events() if event.get("step", 0) <= resume_step]
-            path.write_text("".join(json.dumps(event) + "\n" for event in kept))
+            text = "".join(json.dumps(event) + "\n" for event in kept)
+            write_file_atomically(path, lambda tmp: tmp.write_text(text))
 
     def write(self, **event: Any) -> None:
         with self.path.open("a") as handle:
@@ -66,6 +73,10 @@ def plot_losses(events: list[dict[str, Any]], path: Path) -> Path:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    # The temporary file's name ends in `.tmp-PID-HEX`, so the format comes from `path`'s suffix.
+    file_format = path.suffix[1:] or matplotlib.rcParams["savefig.format"]
+    try:
+        write_file_atomically(path, lambda tmp: figure.savefig(tmp, format=file_format))
+    finally:
+        plt.close(figure)
     return path

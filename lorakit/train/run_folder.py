@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.formats.atomic import check_parent, remove_stale_temps
+from lorakit.formats.atomic import check_parent, remove_stale_temps, write_file_atomically
 from lorakit.train.checkpoint import list_checkpoints, read_settings
 from lorakit.train.config import TrainConfig
 from lorakit.train.run_lock import RunLock
@@ -178,7 +178,6 @@ def _describe(found: list[Path]) -> str:
 
 def _write_json(file: Path, value: dict[str, Any]) -> None:
     # Atomic: a reader sees the old file or the new one, never half of one.
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, file)
+    text = json.dumps(value, indent=1) + "\n"
+    write_file_atomically(file, lambda tmp: tmp.write_text(text))
 

@@ -1,20 +1,32 @@
-"""Atomic folder writes: temporary folders named by PID, stale ones removed, umask permissions."""
+"""Atomic writes of files and folders: temporaries named by PID, removed on failure, stale ones
+removed later, umask permissions; the writers that go through them."""
 
+import json
 import os
 import re
 import stat
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from lorakit import LoraConfig, add_adapter
 from lorakit.formats import atomic as files
-from lorakit.formats.atomic import fresh_temp_folder, remove_stale_temps, write_folder_atomically
+from lorakit.formats.atomic import (
+    fresh_temp_folder,
+    remove_stale_temps,
+    write_file_atomically,
+    write_folder_atomically,
+)
 from lorakit.formats.io import save_adapter
 from lorakit.hf.saving import save_merged
+from lorakit.train import TrainConfig
+from lorakit.train.metrics import MetricsLog, plot_losses
+from lorakit.train.run_folder import RUN_FILE, claim_run_folder
 from tests.models import tiny_llama
 
 
@@ -42,9 +54,14 @@ def test_stale_temps_are_removed_and_live_ones_kept(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_model.safetensors").write_text("x")
     (tmp_path / f".tmp-checkpoint-7-{dead}.txt").write_text("a file, not a writer's folder")
+    stale_files = [f".run.json.tmp-{dead}-0a1b2c3d"]  # write_file_atomically's, from a killed writer
+    kept_files = [f".run.json.tmp-{alive}-0a1b2c3d", f".run.json.old-{dead}-0a1b2c3d", f".tmp-checkpoint-8-{dead}"]
+    for name in stale_files + kept_files:
+        (tmp_path / name).write_text("{")
     removed = remove_stale_temps(tmp_path)
-    assert sorted(p.name for p in removed) == sorted(stale)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(live + other + [f".tmp-checkpoint-7-{dead}.txt"])
+    assert sorted(p.name for p in removed) == sorted(stale + stale_files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(live + other + kept_files
+                                                                + [f".tmp-checkpoint-7-{dead}.txt"])
     assert remove_stale_temps(tmp_path / "nowhere") == []
 
 
@@ -149,3 +166,95 @@ def test_merged_model_files_get_the_umasks_permissions(umask, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
     with pytest.raises(FileExistsError, match="merged already exists"):
         save_merged(model, tokenizer, output)
+
+
+def only_names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_write_file_atomically_creates_and_replaces(tmp_path):
+    target = tmp_path / "deep" / "run.json"
+    write_file_atomically(target, lambda tmp: tmp.write_text("one"))
+    write_file_atomically(target, lambda tmp: tmp.write_text("two"))
+    assert target.read_text() == "two"
+    assert only_names(tmp_path / "deep") == ["run.json"]
+    (tmp_path / "data.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"data.jsonl is a file, not a folder"):
+        write_file_atomically(tmp_path / "data.jsonl" / "run.json", lambda tmp: tmp.write_text("x"))
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_file_write_failing_midway_keeps_the_old_file_and_leaves_no_temp(tmp_path, error):
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"GGUF old")
+    seen = []
+
+    def fail_midway(tmp):
+        seen.append(tmp)
+        with tmp.open("wb") as handle:
+            handle.write(b"GGUF half of the new ")
+        raise error
+
+    with pytest.raises(type(error)):
+        write_file_atomically(target, fail_midway)
+    assert target.read_bytes() == b"GGUF old"
+    assert seen[0].parent == tmp_path and re.fullmatch(rf"\.model\.gguf\.tmp-{os.getpid()}-[0-9a-f]{{8}}", seen[0].name)
+    assert only_names(tmp_path) == ["model.gguf"]
+    with pytest.raises(type(error)):
+        write_file_atomically(tmp_path / "new.gguf", fail_midway)
+    assert only_names(tmp_path) == ["model.gguf"]  # no file, not even an empty one
+
+
+def test_written_files_get_the_umasks_mode(umask, tmp_path):
+    target = tmp_path / "weights.safetensors"
+    write_file_atomically(target, lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp)))  # safetensors: 0600
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    target.chmod(0o600)
+    write_file_atomically(target, lambda tmp: tmp.write_text("replaced"))  # the new file's mode, not the old's
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_run_json_is_written_through_the_helper(tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    config = TrainConfig(data=str(tmp_path / "train.jsonl"), output_dir=str(output))
+    real_write_text = Path.write_text
+
+    def disk_full(path, text, *args, **kwargs):
+        real_write_text(path, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        claim_run_folder(config, say=lambda message: None)
+    assert only_names(output) == ["notes.txt"]  # neither a half run.json nor its temporary file
+    monkeypatch.undo()
+    folder = claim_run_folder(config, say=lambda message: None)
+    assert json.loads((output / RUN_FILE).read_text())["pid"] == os.getpid()
+    folder.release()
+
+
+def test_metrics_trimmed_on_resume_are_kept_when_the_rewrite_fails(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in (1, 2, 3):
+        log.write(kind="train", step=step, loss=1.0)
+    before = path.read_text()
+    def failing_rename(source, target):
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(files.os, "replace", failing_rename)
+    with pytest.raises(OSError, match="I/O error"):
+        MetricsLog(path, resume_step=2)
+    assert path.read_text() == before and only_names(tmp_path) == ["metrics.jsonl"]
+    monkeypatch.undo()
+    MetricsLog(path, resume_step=2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_the_loss_plot_is_a_png_written_in_one_rename(tmp_path):
+    events = [{"kind": "train", "step": step, "loss": 2.0 / step} for step in (1, 2, 3)]
+    path = plot_losses(events, tmp_path / "loss.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the format follows loss.png, not the temporary name
+    assert only_names(tmp_path) == ["loss.png"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 
+from lorakit.formats.atomic import current_umask
 from lorakit.hf import gguf_cache, load_model
 from lorakit.hf.gguf_cache import cache_entry, cache_root, ensure_cached, is_complete
 
@@ -43,7 +45,11 @@ def test_first_load_converts_and_matches_the_original(tiny, tiny_gguf: Path, cac
     assert entry.parent == cache_dir / "models"
     assert entry.name.startswith("tiny-llama.F32-")
     assert is_complete(entry)
-    assert _entries(cache_dir) == [entry.name]  # no .partial-* folder left behind
+    assert _entries(cache_dir) == [entry.name]  # no temporary folder left behind
+    # Not tempfile.mkdtemp's 0700 (and safetensors' 0600): readable as the umask says.
+    mask = current_umask()
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((entry / "model.safetensors").stat().st_mode) == 0o666 & ~mask
 
 
 def test_second_load_reads_the_cache(tiny, tiny_gguf: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
@@ -107,15 +113,17 @@ def test_incomplete_entry_is_rebuilt(tiny_gguf: Path, cache_dir: Path):
 
 def test_stale_partial_folders_are_removed(tiny_gguf: Path, cache_dir: Path):
     entry = cache_entry(tiny_gguf)
-    stale = entry.parent / f".partial-{entry.name}-dead"
-    fresh = entry.parent / f".partial-{entry.name}-running"
-    for folder in (stale, fresh):
+    # write_folder_atomically's temporary folders, and those of lorakit versions that used mkdtemp
+    stale = [entry.parent / f".{entry.name}.tmp-1-0a1b2c3d", entry.parent / f".partial-{entry.name}-dead"]
+    fresh = [entry.parent / f".{entry.name}.tmp-1-9f8e7d6c", entry.parent / f".partial-{entry.name}-running"]
+    for folder in stale + fresh:
         folder.mkdir(parents=True)
-    old = stale.stat().st_mtime - 2 * gguf_cache.STALE_PARTIAL_SECONDS
-    os.utime(stale, (old, old))
+    for folder in stale:
+        old = folder.stat().st_mtime - 2 * gguf_cache.STALE_PARTIAL_SECONDS
+        os.utime(folder, (old, old))
     ensure_cached(tiny_gguf)
-    assert not stale.exists()
-    assert fresh.exists()  # may belong to a conversion still running elsewhere
+    assert not any(folder.exists() for folder in stale)
+    assert all(folder.exists() for folder in fresh)  # may belong to a conversion still running elsewhere
 
 
 def test_not_a_gguf(tmp_path: Path, cache_dir: Path):
