@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +27,8 @@ class ExactMatch:
 def evaluation_loss(model: nn.Module, dataset: TokenizedDataset, batch_size: int,
                     device: torch.device) -> float:
     """Mean cross-entropy per label token over the whole dataset (eval mode, no gradients)."""
-    was_training = model.training
-    model.eval()
     total = tokens = 0.0
-    with torch.no_grad():
+    with _evaluating(model):
         for batch in batches(dataset, batch_size, shuffle=False, epochs=1):
             inputs = batch.to(device).inputs
             count = batch.num_label_tokens
@@ -38,19 +37,16 @@ def evaluation_loss(model: nn.Module, dataset: TokenizedDataset, batch_size: int
                 causal_lm_loss(model, inputs, num_items=count)
             total += float(loss) * count
             tokens += count
-    model.train(was_training)
     return total / max(tokens, 1)
 
 
 def exact_match_score(model: Any, tokenizer: Any, pairs: Sequence[EvalPair], max_new_tokens: int,
                       batch_size: int = 16) -> ExactMatch:
     """Greedy-generate an answer for each pair's prompt and compare it with the reference."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs: list[str] = []
-    with torch.no_grad():
+    with _evaluating(model):
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
             ids, mask = left_pad([list(p.prompt_ids) for p in chunk], pad)
@@ -58,6 +54,20 @@ def exact_match_score(model: Any, tokenizer: Any, pairs: Sequence[EvalPair], max
                                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             new_tokens = generated[:, ids.shape[1]:]
             outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    model.train(was_training)
     hits = sum(exact_match(out, pair.answer) for out, pair in zip(outputs, pairs, strict=True))
     return ExactMatch(score=hits / max(len(pairs), 1), generations=outputs)
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients inside; afterwards the mode the model had, even after an error.
+
+    `model.train(mode)` sets every submodule, LoRA layers and their dropouts included.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
