@@ -1,10 +1,17 @@
-"""Options and steps several commands share: the base model, the adapters on it, checked numbers."""
+"""Options and steps several commands share: the base model, the adapters on it, checked numbers, and
+flag help read from the config fields' docstrings."""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
+import inspect
+import itertools
 import os
-from collections.abc import Callable
+import re
+import textwrap
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -24,9 +31,45 @@ def number_at_least(low: float, kind: type = int) -> Callable[[str], Any]:
     return parse
 
 
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field of dataclass `cls` with its docstring (the text under the field), folded onto one line.
+
+    A config's fields are documented there, once; the flags' help is read from it rather than written again.
+    """
+    class_node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(class_node, ast.ClassDef)
+    docs = {}
+    for field, doc in itertools.pairwise(class_node.body):  # a field, then the string under it
+        if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                and isinstance(doc.value.value, str)):
+            docs[field.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
+def field_help(cls: type, name: str, flags: Mapping[str, str] | None = None) -> str:
+    """The help of a flag that sets field `name` of `cls`: the field's docstring as a help line.
+
+    Help lines start in lower case ("Training JSONL" -> "training JSONL"; "LoRA" stays) and end
+    without a full stop. A field named in backquotes reads as its flag when `flags` (field -> flag)
+    has one: `output_dir` becomes --output-dir; other names lose the backquotes.
+    """
+    text = re.sub(r"`([^`]+)`", lambda m: (flags or {}).get(m.group(1), m.group(1)),
+                  field_docs(cls)[name].removesuffix("."))
+    first = text.split(" ", 1)[0]
+    return text[0].lower() + text[1:] if first[1:].islower() else text
+
+
+def train_help(name: str) -> str:
+    """The help of a flag with the meaning of TrainConfig's field `name` (the same words in every command)."""
+    from lorakit.train.config import TrainConfig
+
+    return field_help(TrainConfig, name)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, adapters: str = "many") -> None:
-    parser.add_argument("--model", default="default", help="base model: default, a .gguf file or a transformers "
-                                                          "folder")
+    parser.add_argument("--model", default="default", help=train_help("model"))
     if adapters == "many":
         parser.add_argument("--adapter", action="append", default=[], metavar="PATH",
                             help="adapter folder (PEFT layout) or a training run's folder; repeat to stack "
@@ -37,9 +80,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapters: str = "many")
     parser.add_argument("--quantize", default=None, choices=["nf4"],
                         help="store the base in 4-bit NF4 before adding the adapters: use it for adapters "
                              "trained with `lorakit train --quantize nf4` (QLoRA), which learned that base")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, "
-                                                      "bf16 on CUDA)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default=None, help=train_help("dtype"))
+    parser.add_argument("--device", default="auto", help=train_help("device"))
 
 
 def load_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.cli.common import train_help
+
 EXAMPLES = """examples:
   lorakit estimate --model llama-3.1-8b --r 16 --targets q_proj,k_proj,v_proj,o_proj
   lorakit estimate --model gpt3-175b --r 8 --targets q_proj,v_proj
@@ -19,9 +21,10 @@ Shipped configs: llama-3.1-8b, llama-3.1-70b, mistral-7b, qwen2.5-7b, gpt2, smol
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="a shipped name, a config.json or a model folder")
-    parser.add_argument("--r", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (does not change memory)")
-    parser.add_argument("--targets", default="all-linear", help="all-linear, a regex, or comma-separated module names (q_proj,v_proj)")
+    parser.add_argument("--r", type=int, default=16, help=train_help("r"))
+    parser.add_argument("--alpha", type=float, default=None,
+                        help=f"{train_help('alpha')}; does not change memory")
+    parser.add_argument("--targets", default="all-linear", help=train_help("targets"))
     parser.add_argument("--quant", default=None, choices=["nf4"], help="highlight QLoRA with an NF4 base")
     parser.add_argument("--batch", type=int, default=1, help="rows per step")
     parser.add_argument("--seq", type=int, default=512, help="tokens per row")

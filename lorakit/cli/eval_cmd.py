@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lorakit.cli.common import add_model_arguments, load_with_adapters, number_at_least
+from lorakit.cli.common import add_model_arguments, load_with_adapters, number_at_least, train_help
 
 EXAMPLES = """examples:
   lorakit eval --data demo/data/test.jsonl
@@ -15,13 +15,13 @@ EXAMPLES = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="JSONL file (chat, alpaca, completion or text records)")
-    parser.add_argument("--format", default="auto", help="auto, chat, alpaca, completion or text")
-    parser.add_argument("--max-length", type=number_at_least(1), default=512, help="longest example in tokens")
+    parser.add_argument("--format", default="auto", help=train_help("format"))
+    parser.add_argument("--max-length", type=number_at_least(1), default=512, help=train_help("max_length"))
     parser.add_argument("--batch-size", type=number_at_least(1), default=8, help="rows per forward")
     parser.add_argument("--limit", type=number_at_least(1), default=None,
                         help="evaluate only the first N records (default: all)")
     parser.add_argument("--max-new-tokens", type=number_at_least(1), default=64,
-                        help="generation length for exact match")
+                        help=train_help("max_new_tokens"))
     parser.add_argument("--no-exact-match", action="store_true", help="only the loss (no generation)")
 
 

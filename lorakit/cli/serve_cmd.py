@@ -7,7 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
-from lorakit.cli.common import number_at_least
+from lorakit.cli.common import number_at_least, train_help
 
 EXAMPLES = """examples:
   lorakit serve --model default --adapter sql=runs/sql/adapter --adapter chat=runs/chat/adapter
@@ -18,8 +18,8 @@ EXAMPLES = """examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="base model: default, a .gguf file or a transformers "
-                                                          "folder; requests name it to run no adapter")
+    parser.add_argument("--model", default="default",
+                        help=f"{train_help('model')}; requests name it to run no adapter")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="serve the adapter folder PATH under NAME (the request's model field); repeat")
     parser.add_argument("--adapter-dir", default=None, metavar="DIR",
@@ -32,9 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     parser.add_argument("--drain-timeout", type=number_at_least(0, float), default=30.0,
                         help="seconds SIGTERM waits for running requests before exiting")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, "
-                                                      "bf16 on CUDA)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default=None, help=train_help("dtype"))
+    parser.add_argument("--device", default="auto", help=train_help("device"))
 
 
 def run(args: argparse.Namespace) -> int:

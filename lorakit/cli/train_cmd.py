@@ -9,6 +9,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+from lorakit.cli.common import field_help
+
 EXAMPLES = """examples:
   lorakit train --data train.jsonl --output-dir runs/mine
   lorakit train --data train.jsonl --val-fraction 0.05 --r 16 --alpha 32 --lr 2e-4 --epochs 3
@@ -26,84 +28,90 @@ grad_accum, global_batch_size, warmup_steps, save_every, eval_every, seed, quant
 and a distributed: section (strategy: ddp|fsdp, nproc, backend: auto|gloo|nccl, timeout_s); docs/distributed.md.
 """
 
-# (flag, key of the YAML distributed: section, type, help)
-DISTRIBUTED_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--distributed", "strategy", str, "ddp or fsdp: train on several processes (under torchrun, or with --nproc)"),
-    ("--nproc", "nproc", int, "start this many processes on this machine (re-launches under torchrun; "
-                              "default strategy ddp)"),
+# (flag, key of the YAML distributed: section, type, help); help None: DistributedConfig's field docstring.
+DISTRIBUTED_FLAGS: list[tuple[str, str, Any, str | None]] = [
+    ("--distributed", "strategy", str, None),
+    ("--nproc", "nproc", int, None),
 ]
 
-# (flag, TrainConfig field, type, help); booleans are store_true flags.
-FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--data", "data", str, "training JSONL (chat, alpaca, completion or text records)"),
-    ("--model", "model", str, "base model: default, a .gguf file or a transformers folder"),
-    ("--output-dir", "output_dir", str, "where the adapter, checkpoints, metrics.jsonl and loss.png go"),
-    ("--val-data", "val_data", str, "validation JSONL"),
-    ("--val-fraction", "val_fraction", float, "hold out this share of the training data for validation"),
-    ("--format", "format", str, "auto, chat, alpaca, completion or text"),
-    ("--skip-bad-lines", "skip_bad_lines", bool, "skip and count malformed lines"),
-    ("--max-length", "max_length", int, "longest example in tokens"),
-    ("--pack", "pack", bool, "pack several examples per row"),
-    ("--train-on-prompt", "train_on_prompt", bool, "also compute the loss on prompt tokens"),
-    ("--r", "r", int, "LoRA rank"),
-    ("--alpha", "alpha", float, "LoRA alpha (scale alpha / r)"),
-    ("--dropout", "dropout", float, "dropout on the adapter input"),
-    ("--targets", "targets", str, "all-linear, a regex, or comma-separated module names (q_proj,v_proj)"),
-    ("--rslora", "use_rslora", bool, "scale by alpha / sqrt(r)"),
-    ("--dora", "use_dora", bool, "DoRA: also train a magnitude per output row (linear targets)"),
-    ("--init", "init", str, "adapter init: kaiming, gaussian, pissa, pissa_niter_N (e.g. pissa_niter_4) or olora"),
-    ("--separate-dropout-masks", "share_dropout_mask", "off", "each module draws its own dropout mask, as PEFT "
-                                                             "does (default: q/k/v and gate/up share one)"),
-    ("--quantize", "quantize", str, "nf4: train on a 4-bit frozen base (QLoRA)"),
-    ("--lr", "learning_rate", float, "peak learning rate"),
-    ("--warmup-steps", "warmup_steps", int, "linear warm-up steps"),
-    ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
-    ("--loraplus-ratio", "loraplus_ratio", float, "LoRA+: B's learning rate = this x A's (e.g. 16)"),
-    ("--loraplus-lr-embedding", "loraplus_lr_embedding", float, "LoRA+: learning rate of embedding adapters"),
-    ("--optim", "optimizer", str, "adamw, or paged_adamw (bitsandbytes, CUDA)"),
-    ("--epochs", "epochs", int, "passes over the data"),
-    ("--max-steps", "max_steps", int, "stop after this many optimizer steps"),
-    ("--batch-size", "batch_size", int, "rows per micro-batch"),
-    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
-    ("--global-batch-size", "global_batch_size", int, "rows per optimizer step over all processes "
-                                                      "(sets the micro-batches per step)"),
-    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm"),
-    ("--gradient-checkpointing", "gradient_checkpointing", bool, "recompute activations to save memory"),
-    ("--seed", "seed", int, "random seed"),
-    ("--eval-every", "eval_every", int, "validation loss every N steps"),
-    ("--eval-exact-match", "eval_exact_match", int, "exact match on up to N validation records at the end"),
-    ("--save-every", "save_every", int, "checkpoint every N steps"),
-    ("--keep-last", "keep_last", int, "checkpoints kept"),
-    ("--resume", "resume", bool, "continue the run in --output-dir from its newest checkpoint (same settings)"),
-    ("--overwrite", "overwrite", bool, "delete the previous run in --output-dir first (its adapter/, checkpoints, "
-                                       "metrics.jsonl, loss.png, run.json; other files stay)"),
-    ("--dtype", "dtype", str, "float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)"),
-    ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
+# (flag, TrainConfig field, type, help); booleans are store_true flags, "off" ones store_false.
+# Help None: the field's docstring, the one description of the setting (YAML and flag alike). An
+# "off" flag says what turning the setting off does, so it has its own words.
+FLAGS: list[tuple[str, str, Any, str | None]] = [
+    ("--data", "data", str, None),
+    ("--model", "model", str, None),
+    ("--output-dir", "output_dir", str, None),
+    ("--val-data", "val_data", str, None),
+    ("--val-fraction", "val_fraction", float, None),
+    ("--format", "format", str, None),
+    ("--skip-bad-lines", "skip_bad_lines", bool, None),
+    ("--max-length", "max_length", int, None),
+    ("--pack", "pack", bool, None),
+    ("--train-on-prompt", "train_on_prompt", bool, None),
+    ("--r", "r", int, None),
+    ("--alpha", "alpha", float, None),
+    ("--dropout", "dropout", float, None),
+    ("--targets", "targets", str, None),
+    ("--rslora", "use_rslora", bool, None),
+    ("--dora", "use_dora", bool, None),
+    ("--init", "init", str, None),
+    ("--separate-dropout-masks", "share_dropout_mask", "off",
+     "each module draws its own dropout mask, as PEFT does (default: q/k/v and gate/up share one)"),
+    ("--quantize", "quantize", str, None),
+    ("--lr", "learning_rate", float, None),
+    ("--warmup-steps", "warmup_steps", int, None),
+    ("--weight-decay", "weight_decay", float, None),
+    ("--loraplus-ratio", "loraplus_ratio", float, None),
+    ("--loraplus-lr-embedding", "loraplus_lr_embedding", float, None),
+    ("--optim", "optimizer", str, None),
+    ("--epochs", "epochs", int, None),
+    ("--max-steps", "max_steps", int, None),
+    ("--batch-size", "batch_size", int, None),
+    ("--grad-accum", "grad_accum", int, None),
+    ("--global-batch-size", "global_batch_size", int, None),
+    ("--max-grad-norm", "max_grad_norm", float, None),
+    ("--gradient-checkpointing", "gradient_checkpointing", bool, None),
+    ("--seed", "seed", int, None),
+    ("--eval-every", "eval_every", int, None),
+    ("--eval-exact-match", "eval_exact_match", int, None),
+    ("--save-every", "save_every", int, None),
+    ("--keep-last", "keep_last", int, None),
+    ("--resume", "resume", bool, None),
+    ("--overwrite", "overwrite", bool, None),
+    ("--dtype", "dtype", str, None),
+    ("--device", "device", str, None),
     ("--no-progress", "progress", "off", "hide the progress bar"),
 ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lorakit.train.config import TrainConfig
+    from lorakit.train.distributed_config import DistributedConfig
 
     parser.add_argument("--config", help="YAML file with TrainConfig keys; flags given override it")
     # Flags default to None (so that only the flags given override the YAML file); the help shows
     # the default a run gets when neither sets the value.
+    flag_of = {field: flag for flag, field, _, _ in FLAGS}  # `output_dir` in a docstring reads --output-dir
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     for flag, field, kind, text in FLAGS:
-        shown = defaults.get(field, MISSING)
-        if kind in (bool, "off") or shown in (MISSING, None):
-            help_text = text
-        else:
-            help_text = f"{text} (default: {shown})"
+        text = text or field_help(TrainConfig, field, flag_of)
+        help_text = _with_default(text, kind, defaults.get(field, MISSING))
         if kind is bool:
             parser.add_argument(flag, dest=field, action="store_true", default=None, help=help_text)
         elif kind == "off":
             parser.add_argument(flag, dest=field, action="store_false", default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+    group = parser.add_argument_group("several processes (YAML's distributed: section; docs/distributed.md)")
+    defaults = {f.name: f.default for f in fields(DistributedConfig)}
     for flag, key, kind, text in DISTRIBUTED_FLAGS:
-        parser.add_argument(flag, dest=f"distributed_{key}", type=kind, default=None, help=text)
+        help_text = _with_default(text or field_help(DistributedConfig, key, flag_of), kind, defaults[key])
+        group.add_argument(flag, dest=f"distributed_{key}", type=kind, default=None, help=help_text)
+
+
+def _with_default(text: str, kind: Any, default: Any) -> str:
+    """`text`, then the value a run gets when the flag is not given (switches and unset fields say none)."""
+    return text if kind in (bool, "off") or default in (MISSING, None) else f"{text} (default: {default})"
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:

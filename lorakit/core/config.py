@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.core.checks import is_finite_real, is_non_negative_int, is_positive_int, is_real
+
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian", "zeros", "random")
 SVD_INITS = ("pissa", "pissa_niter_N", "olora")
@@ -108,11 +110,11 @@ class LoraConfig:
 
     def _problems(self) -> list[str]:
         problems = []
-        if not _is_int(self.r) or self.r < 1:
+        if not is_positive_int(self.r):
             problems.append(f"r must be an integer >= 1, got {self.r!r}")
-        if not _is_number(self.alpha) or self.alpha <= 0:
+        if not is_finite_real(self.alpha) or self.alpha <= 0:
             problems.append(f"alpha must be a number > 0, got {self.alpha!r}")
-        if not _is_real(self.dropout):
+        if not is_real(self.dropout):
             problems.append(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         elif not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -131,12 +133,12 @@ class LoraConfig:
             problems.append(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         if self.layers is not None and not isinstance(self.layers, tuple):
             problems.append(f"layers must be a list of non-negative block indices (e.g. [0, 1]), got {self.layers!r}")
-        elif self.layers is not None and not all(_is_int(i) and i >= 0 for i in self.layers):
+        elif self.layers is not None and not all(is_non_negative_int(i) for i in self.layers):
             problems.append(f"layers must be non-negative block indices, got {list(self.layers)!r}")
         problems += _mapping_problems("rank_pattern", self.rank_pattern, "rank", {"v_proj": 4},
-                                      lambda rank: _is_int(rank) and rank >= 1, "an integer >= 1")
+                                      is_positive_int, "an integer >= 1")
         problems += _mapping_problems("alpha_pattern", self.alpha_pattern, "alpha", {"v_proj": 16},
-                                      lambda alpha: _is_number(alpha) and alpha > 0, "a number > 0")
+                                      lambda alpha: is_finite_real(alpha) and alpha > 0, "a number > 0")
         return problems
 
     def rank_for(self, path: str) -> int:
@@ -174,18 +176,6 @@ def _pattern_key(patterns: Mapping[str, object], path: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", path):
             return key
     return None
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return _is_real(value) and math.isfinite(value)  # type: ignore[arg-type]
 
 
 def _is_list_like(value: object) -> bool:

@@ -20,7 +20,7 @@ from lorakit.data.records import (
     RecordError,
     describe_formats,
     detect_format,
-    json_type_name,
+    json_kind,
     parse_record,
 )
 
@@ -148,7 +148,7 @@ def _parse_line(line: str, fmt: Format | None, origin: str) -> tuple[Record, For
         detected = detect_format(value)
         if detected is None:
             if not isinstance(value, dict):
-                raise RecordError(f"expected a JSON object, found {json_type_name(value)}")
+                raise RecordError(f"expected a JSON object, found {json_kind(value)}")
             found = ", ".join(repr(k) for k in value) or "none"
             raise RecordError(
                 f"unknown record format: expected keys {describe_formats()}; keys found: {found}"

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
+from lorakit.core.checks import json_type_name
+
 Format: TypeAlias = Literal["chat", "alpaca", "completion", "text"]
 
 FORMATS: tuple[Format, ...] = ("chat", "alpaca", "completion", "text")
@@ -147,7 +149,7 @@ def parse_record(value: Any, fmt: Format, origin: str = "") -> Record:
             type, or has an empty answer. The message says which key and what was found.
     """
     if not isinstance(value, Mapping):
-        raise RecordError(f"expected a JSON object, found {json_type_name(value)}")
+        raise RecordError(f"expected a JSON object, found {json_kind(value)}")
     missing = [key for key in FORMAT_KEYS[fmt] if key not in value]
     if missing:
         found = ", ".join(repr(k) for k in value) or "none"
@@ -174,7 +176,7 @@ def parse_record(value: Any, fmt: Format, origin: str = "") -> Record:
 def _parse_messages(raw: Any) -> tuple[Message, ...]:
     if not isinstance(raw, list):
         raise RecordError(
-            f"'messages' must be a list of {{role, content}} objects, found {json_type_name(raw)}"
+            f"'messages' must be a list of {{role, content}} objects, found {json_kind(raw)}"
         )
     if not raw:
         raise RecordError("'messages' is empty")
@@ -182,13 +184,13 @@ def _parse_messages(raw: Any) -> tuple[Message, ...]:
     for i, item in enumerate(raw):
         if not isinstance(item, Mapping):
             raise RecordError(
-                f"messages[{i}] must be an object with 'role' and 'content', found {json_type_name(item)}"
+                f"messages[{i}] must be an object with 'role' and 'content', found {json_kind(item)}"
             )
         for key in ("role", "content"):
             if key not in item:
                 raise RecordError(f"messages[{i}] has no {key!r}")
             if not isinstance(item[key], str):
-                raise RecordError(f"messages[{i}].{key} must be a string, found {json_type_name(item[key])}")
+                raise RecordError(f"messages[{i}].{key} must be a string, found {json_kind(item[key])}")
         if item["role"] not in CHAT_ROLES:
             raise RecordError(f"messages[{i}] has role {item['role']!r}; known roles: {', '.join(CHAT_ROLES)}")
         messages.append(Message(role=item["role"], content=item["content"]))
@@ -205,7 +207,7 @@ def _parse_messages(raw: Any) -> tuple[Message, ...]:
 def _string(value: Mapping[str, Any], key: str) -> str:
     item = value[key]
     if not isinstance(item, str):
-        raise RecordError(f"{key!r} must be a string, found {json_type_name(item)}")
+        raise RecordError(f"{key!r} must be a string, found {json_kind(item)}")
     return item
 
 
@@ -216,18 +218,9 @@ def _answer(value: Mapping[str, Any], key: str) -> str:
     return text
 
 
-def json_type_name(value: Any) -> str:
-    """The JSON name of a decoded value's type, as a user would recognise it in the file."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
+def json_kind(value: Any) -> str:
+    """What a record's message says was found: "a string", "a number", "null" (checks.json_type_name).
+
+    Whole and fractional numbers are both "a number", as JSON has it: no record field takes a number.
+    """
+    return json_type_name(value, article=True, integer=False)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lorakit.core.checks import is_positive_int
 from lorakit.hf.decoder import decoder_layers
 
 STRATEGIES = ("ddp", "fsdp")
@@ -43,7 +44,7 @@ class Units:
 def check_distributed(nproc: object, distributed: object) -> list[str]:
     """The problems with these settings (empty when they are fine)."""
     problems = []
-    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+    if not is_positive_int(nproc):
         problems.append(f"nproc must be an integer >= 1, got {nproc!r}")
     if distributed is not None and distributed not in STRATEGIES:
         problems.append(f"distributed must be one of {', '.join(STRATEGIES)} or None, got {distributed!r}")

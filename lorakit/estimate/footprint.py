@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.core.adapters import active_adapters, adapter_configs, format_trainable, trainable_parameters
+from lorakit.core.checks import is_positive_int
 from lorakit.core.config import ALL_LINEAR, LoraConfig, parse_targets
 from lorakit.core.inject import add_adapter
 from lorakit.core.layers import base_kind
@@ -309,7 +310,7 @@ def _check_settings(batch_size: object, seq_len: object, dtype: object, quant: o
                     more: list[str] | None = None) -> None:
     problems = [f"{name} must be an integer >= 1, got {value!r}"
                 for name, value in (("batch_size", batch_size), ("seq_len", seq_len))
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1]
+                if not is_positive_int(value)]
     if dtype not in DTYPES:
         problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if quant is not None and quant not in QUANT_METHODS:

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.core.checks import is_int, is_real, json_type_name
+
 # Fields at these values change nothing, so they are accepted; any other value is refused.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
@@ -70,7 +72,7 @@ def read_json(body: bytes) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the request body is not valid JSON ({err}); send a JSON object") from None
     if not isinstance(data, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {_json_type(data)}")
+        raise ApiError(400, f"the request body must be a JSON object, got {json_type_name(data)}")
     return data
 
 
@@ -154,12 +156,15 @@ def _get(data: dict[str, Any], name: str, kind: type, required: bool = False, wh
         if required:
             raise ApiError(400, f"field {where!r} is required", where)
         return None
-    # JSON has no separate boolean-as-number: true is not an integer here, nor 1.5.
-    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-    if kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    # JSON has no separate boolean-as-number: true is not an integer here, nor 1.5; 2 is a float.
+    if kind is int:
+        ok = is_int(value)
+    elif kind is float:
+        ok = is_real(value)
+    else:
+        ok = isinstance(value, kind)
     if not ok:
-        raise ApiError(400, f"field {where!r} must be {_JSON_NAMES[kind]}, got {_json_type(value)} "
+        raise ApiError(400, f"field {where!r} must be {_JSON_NAMES[kind]}, got {json_type_name(value)} "
                             f"{json.dumps(value)[:60]}", where)
     return value
 
@@ -190,7 +195,7 @@ def _prompt(value: Any) -> str:
         raise ApiError(400, f"field 'prompt' holds {len(value)} entries; this server takes one prompt string per "
                             "request (token-id prompts are not supported)", "prompt")
     if not isinstance(value, str):
-        raise ApiError(400, f"field 'prompt' must be a string, got {_json_type(value)}", "prompt")
+        raise ApiError(400, f"field 'prompt' must be a string, got {json_type_name(value)}", "prompt")
     if not value:
         raise ApiError(400, "field 'prompt' is empty; give some text to continue", "prompt")
     return value
@@ -198,14 +203,14 @@ def _prompt(value: Any) -> str:
 
 def _messages(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise ApiError(400, f"field 'messages' must be a non-empty list of messages, got {_json_type(value)}",
-                       "messages")
+        raise ApiError(400, "field 'messages' must be a non-empty list of messages, got "
+                            f"{json_type_name(value)}", "messages")
     checked = []
     for i, message in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise ApiError(400, f"{where} must be an object with 'role' and 'content', got {_json_type(message)}",
-                           where)
+            raise ApiError(400, f"{where} must be an object with 'role' and 'content', got "
+                                f"{json_type_name(message)}", where)
         _only_message(message, where)
         role = _get(message, "role", str, required=True, where=f"{where}.role")
         if role not in ROLES:
@@ -235,11 +240,3 @@ def _content(value: Any, where: str) -> str:
 
 _JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object",
                list: "a list"}
-
-
-def _json_type(value: Any) -> str:
-    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"), (list, "list"),
-                       (dict, "object")):
-        if isinstance(value, kind):
-            return name
-    return "null"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, get_args, get_type_hints
 
+from lorakit.core.checks import is_finite_real, is_non_negative_int, is_positive_int
 from lorakit.core.config import LoraConfig, parse_targets
 from lorakit.train.distributed_config import DistributedConfig
 
@@ -45,13 +45,15 @@ class TrainConfig:
     dropout: float = 0.05
     """Dropout on the adapter input."""
     targets: str | tuple[str, ...] = "all-linear"
-    """Modules to adapt: "all-linear", a regex, or a list of name suffixes."""
+    """Modules to adapt: "all-linear", a regex, or module-name suffixes, as a list or comma-separated
+    (q_proj,v_proj)."""
     use_rslora: bool = False
     """Scale by alpha / sqrt(r)."""
     use_dora: bool = False
     """DoRA: also train a magnitude per output row (LoraConfig.use_dora; linear targets only)."""
     init: str = "kaiming"
-    """Adapter initialisation (LoraConfig.init): kaiming, gaussian, pissa, pissa_niter_N or olora."""
+    """Adapter initialisation (LoraConfig.init): kaiming, gaussian, pissa, pissa_niter_N (e.g. pissa_niter_4)
+    or olora."""
     share_dropout_mask: bool = True
     """With dropout: modules reading one input (q, k, v; gate, up) share one mask (LoraConfig's field)."""
     quantize: str | None = None
@@ -105,7 +107,7 @@ class TrainConfig:
     """Delete the previous run in `output_dir` first (adapter/, checkpoints, metrics.jsonl, loss.png,
     run.json); other files in the folder stay. Without it (or `resume`) a used folder is refused."""
     dtype: str | None = None
-    """Weight dtype; None: float32 on CPU, bfloat16 on CUDA."""
+    """Weight dtype: float32, bfloat16 or float16; unset (None): float32 on CPU, bfloat16 on CUDA."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     progress: bool = True
@@ -122,15 +124,14 @@ class TrainConfig:
         positive = ("max_length", "r", "batch_size", "grad_accum", "epochs", "keep_last", "max_new_tokens")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_positive_int(value):
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "eval_exact_match", "seed"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not is_non_negative_int(value):
                 problems.append(f"{name} must be an integer >= 0, got {value!r}")
         if self.global_batch_size is not None:
-            if not isinstance(self.global_batch_size, int) or isinstance(self.global_batch_size, bool) \
-                    or self.global_batch_size < 1:
+            if not is_positive_int(self.global_batch_size):
                 problems.append(f"global_batch_size must be an integer >= 1 or None, got {self.global_batch_size!r}")
             elif self.grad_accum != 1:
                 problems.append(f"give global_batch_size ({self.global_batch_size}) or grad_accum "
@@ -138,17 +139,17 @@ class TrainConfig:
         if self.distributed is not None and not isinstance(self.distributed, DistributedConfig):
             problems.append(f"distributed must be a mapping such as {{strategy: ddp, nproc: 2}}, got "
                             f"{self.distributed!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool)
-                                           or self.max_steps < 1):
+        if self.max_steps is not None and not is_positive_int(self.max_steps):
             problems.append(f"max_steps must be an integer >= 1 or None, got {self.max_steps!r}")
-        # _is_real first: YAML can give any type, and an infinite learning rate or decay makes NaN weights.
-        if not (_is_real(self.learning_rate) and self.learning_rate > 0):
+        # Finite numbers first: YAML can give any type, and an infinite learning rate or decay makes NaN weights.
+        if not (is_finite_real(self.learning_rate) and self.learning_rate > 0):
             problems.append(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
-        if not (_is_real(self.val_fraction) and 0 <= self.val_fraction < 1):
+        if not (is_finite_real(self.val_fraction) and 0 <= self.val_fraction < 1):
             problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        if not (_is_real(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+        if not (is_finite_real(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.max_grad_norm is not None and not (_is_real(self.max_grad_norm) and self.max_grad_norm > 0):
+        if self.max_grad_norm is not None and not (is_finite_real(self.max_grad_norm)
+                                                   and self.max_grad_norm > 0):
             problems.append(f"max_grad_norm must be a finite number > 0 or None (no clipping), got "
                             f"{self.max_grad_norm!r}")
         if self.quantize is not None and self.quantize not in QUANT_METHODS:
@@ -157,12 +158,13 @@ class TrainConfig:
             problems.append(f"format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.loraplus_ratio is not None and not (_is_real(self.loraplus_ratio) and self.loraplus_ratio > 0):
+        if self.loraplus_ratio is not None and not (is_finite_real(self.loraplus_ratio)
+                                                    and self.loraplus_ratio > 0):
             problems.append(f"loraplus_ratio must be a number > 0 (B's learning rate = ratio x A's; LoRA+ suggests "
                             f"16) or None, got {self.loraplus_ratio!r}")
-        if not (_is_real(self.loraplus_lr_embedding) and self.loraplus_lr_embedding > 0):
+        if not (is_finite_real(self.loraplus_lr_embedding) and self.loraplus_lr_embedding > 0):
             problems.append(f"loraplus_lr_embedding must be a number > 0, got {self.loraplus_lr_embedding!r}")
-        if not (_is_real(self.weight_decay) and self.weight_decay >= 0):
+        if not (is_finite_real(self.weight_decay) and self.weight_decay >= 0):
             problems.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.eval_exact_match and not (self.val_data or self.val_fraction):
             problems.append(f"eval_exact_match={self.eval_exact_match} needs validation records: give val_data "
@@ -256,10 +258,6 @@ def _kind_problems(config: TrainConfig) -> list[str]:
 
 def _is_targets(value: object) -> bool:
     return isinstance(value, str) or (isinstance(value, list | tuple) and all(isinstance(v, str) for v in value))
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _as_number(key: str, value: Any, kind: Any) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from lorakit.core.checks import is_positive_int
+
 STRATEGIES = ("ddp", "fsdp")
 BACKENDS = ("auto", "gloo", "nccl")
 DEFAULT_TIMEOUT_S = 1800
@@ -18,7 +20,7 @@ class DistributedConfig:
     """
 
     strategy: str = "ddp"
-    """ddp: every rank holds the whole model, adapter gradients are summed over the ranks.
+    """ddp or fsdp. ddp: every rank holds the whole model, adapter gradients are summed over the ranks.
     fsdp: FSDP2 (`fully_shard`) also shards the frozen base, so each rank holds about 1/N of it."""
     nproc: int | None = None
     """Processes to start on this machine: `lorakit train` re-launches itself under torchrun.
@@ -32,12 +34,11 @@ class DistributedConfig:
         problems = []
         if self.strategy not in STRATEGIES:
             problems.append(f"distributed strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.nproc is not None and (not isinstance(self.nproc, int) or isinstance(self.nproc, bool)
-                                       or self.nproc < 1):
+        if self.nproc is not None and not is_positive_int(self.nproc):
             problems.append(f"nproc must be an integer >= 1 or None, got {self.nproc!r}")
         if self.backend not in BACKENDS:
             problems.append(f"distributed backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if not isinstance(self.timeout_s, int) or isinstance(self.timeout_s, bool) or self.timeout_s < 1:
+        if not is_positive_int(self.timeout_s):
             problems.append(f"distributed timeout_s must be an integer >= 1, got {self.timeout_s!r}")
         if problems:
             raise ValueError("; ".join(problems))
