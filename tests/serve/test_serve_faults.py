@@ -40,10 +40,11 @@ def test_unknown_model_is_404_listing_the_served_names(served):
 
 def test_prompt_longer_than_the_context_gives_both_lengths(served):
     long = "one two three four five six seven eight nine ten " * 40
-    with pytest.raises(openai.BadRequestError, match=r"the prompt is \d+ tokens, longer than the model's context "
-                                                       r"of 256 tokens"):
+    with pytest.raises(openai.BadRequestError,
+                       match=r"the prompt is \d+ tokens, longer than the model's context of 256 tokens"):
         served.client().completions.create(model="a0", prompt=long, max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match=r"max_tokens=300 does not fit: the prompt is \d+ tokens"):
+    with pytest.raises(openai.BadRequestError,
+                       match=r"max_tokens=300 does not fit: the prompt is \d+ tokens"):
         served.client().completions.create(model="a0", prompt="hi", max_tokens=300)
 
 
@@ -112,7 +113,8 @@ def long_running(running):
 
 def test_a_client_that_disconnects_mid_stream_leaves_the_batch(slow):
     adapter, prompt = long_running(slow)
-    connection, response = open_stream(slow.url, dict(model=adapter, prompt=prompt, max_tokens=150, temperature=0))
+    connection, response = open_stream(slow.url, dict(model=adapter, prompt=prompt, max_tokens=150,
+                                                       temperature=0))
     next_event(response)
     next_event(response)
     connection.close()
@@ -126,7 +128,8 @@ def test_a_client_that_disconnects_mid_stream_leaves_the_batch(slow):
     assert slow.client().completions.create(model="a1", prompt="hi", max_tokens=3, temperature=0).choices
 
 
-def test_loading_bad_or_outside_adapters_is_400_and_running_requests_are_unaffected(slow, files, tmp_path, reference):
+def test_loading_bad_or_outside_adapters_is_400_and_running_requests_are_unaffected(slow, files, tmp_path,
+                                                                                    reference):
     from lorakit import LoraConfig, add_adapter, save_adapter
     from tests.models import tiny_llama
 
@@ -138,9 +141,10 @@ def test_loading_bad_or_outside_adapters_is_400_and_running_requests_are_unaffec
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(lambda: client.chat.completions.create(
             model="a3", temperature=0, max_tokens=30, messages=[{"role": "user", "content": "hello world"}]))
-        for body, words in [({"lora_name": "w", "lora_path": "wrong-shape"}, "adapter 'w' from 'wrong-shape' was not "
-                             "loaded: .*shape"),
-                            ({"lora_name": "o", "lora_path": str(tmp_path / "outside")}, "is outside --adapter-dir"),
+        for body, words in [({"lora_name": "w", "lora_path": "wrong-shape"},
+                             "adapter 'w' from 'wrong-shape' was not loaded: .*shape"),
+                            ({"lora_name": "o", "lora_path": str(tmp_path / "outside")},
+                             "is outside --adapter-dir"),
                             ({"lora_name": "o", "lora_path": "../outside"}, "is outside --adapter-dir"),
                             ({"lora_name": "m", "lora_path": "missing"}, "was not loaded"),
                             ({"lora_name": "a1", "lora_path": "a1"}, "taken already")]:
@@ -186,8 +190,8 @@ def test_an_exception_in_one_request_fails_it_alone(slow, reference, phase):
 
         with ThreadPoolExecutor(4) as pool:
             futures = {a: pool.submit(ask, a) for a in ("a1", "a6", "a2", "tiny")}
-            with pytest.raises(openai.InternalServerError, match="generation failed for this request: RuntimeError: "
-                                                                  "injected fault"):
+            with pytest.raises(openai.InternalServerError,
+                               match="generation failed for this request: RuntimeError: injected fault"):
                 futures["a6"].result()
             for adapter in ("a1", "a2", "tiny"):
                 expected = reference(None if adapter == "tiny" else adapter, "hello world", 10)
@@ -197,16 +201,37 @@ def test_an_exception_in_one_request_fails_it_alone(slow, reference, phase):
     assert ask("a6").choices[0].message.content == reference("a6", "hello world", 10)
 
 
-def test_metrics_count_requests_tokens_batch_and_queue(served):
-    served.client().completions.create(model="a7", prompt="hi", max_tokens=3, temperature=0)
-    post(served.url, CHAT, chat_body(model="zz"))
-    status, headers, text = request(served.url, "GET", "/metrics")
-    assert status == 200 and headers["content-type"].startswith("text/plain")
-    assert 'lorakit_requests_total{model="a7",status="200"}' in text
-    assert 'lorakit_requests_total{model="zz",status="404"}' in text
-    assert 'lorakit_generated_tokens_total{model="a7"}' in text
-    assert "lorakit_batch_size" in text and "lorakit_queue_length" in text
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of GET /metrics: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
 
+    status, headers, text = request(url, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_count_requests_tokens_batch_and_queue(served):
+    before = scrape(served.url)
+    reply = served.client().completions.create(model="a7", prompt="hi", max_tokens=3, temperature=0)
+    assert post(served.url, CHAT, chat_body(model="zz"))[0] == 404
+    after = scrape(served.url)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("lorakit_requests_total", model="a7", status="200") == 1
+    assert grew("lorakit_requests_total", model="zz", status="404") == 1
+    assert grew("lorakit_generated_tokens_total", model="a7") == reply.usage.completion_tokens > 0
+    assert grew("lorakit_generated_tokens_total", model="zz") == 0
+    assert grew("lorakit_request_seconds_count") == 1  # the latency of answered requests only
+    assert grew("lorakit_request_seconds_sum") > 0
+    deadline = time.monotonic() + 10  # the scheduler drops the finished row at its next step
+    while scrape(served.url)[("lorakit_batch_size", frozenset())] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    idle = scrape(served.url)
+    assert (idle[("lorakit_batch_size", frozenset())], idle[("lorakit_queue_length", frozenset())]) == (0, 0)
 
 
 def test_dora_adapters_are_refused_at_load(served, files):
@@ -216,4 +241,5 @@ def test_dora_adapters_are_refused_at_load(served, files):
     config_file = files.adapters / "dora" / "adapter_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_dora": True}))
     status, _, body = post(served.url, "/v1/load_lora_adapter", {"lora_name": "d", "lora_path": "dora"})
-    assert status == 400 and "is a DoRA adapter, which lorakit serve cannot run per row" in body["error"]["message"]
+    assert status == 400
+    assert "is a DoRA adapter, which lorakit serve cannot run per row" in body["error"]["message"]

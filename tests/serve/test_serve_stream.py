@@ -8,9 +8,11 @@ import pytest
 @pytest.mark.parametrize("adapter", ["a1", "tiny"])
 def test_chat_stream_equals_whole_answer(served, adapter):
     client = served.client()
-    settings = dict(model=adapter, temperature=0, max_tokens=14, messages=[{"role": "user", "content": "hello world"}])
+    settings = dict(model=adapter, temperature=0, max_tokens=14,
+                    messages=[{"role": "user", "content": "hello world"}])
     whole = client.chat.completions.create(**settings)
-    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **settings))
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                 **settings))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -21,7 +23,8 @@ def test_chat_stream_equals_whole_answer(served, adapter):
 
 def test_completion_stream_with_stop_strings_equals_whole_answer(served):
     client = served.client()
-    full = client.completions.create(model="a2", prompt="one two", max_tokens=20, temperature=0).choices[0].text
+    full = client.completions.create(model="a2", prompt="one two", max_tokens=20,
+                                     temperature=0).choices[0].text
     stop = full[len(full) // 2:len(full) // 2 + 2]  # a piece from the middle of the greedy answer
     assert stop.strip(), f"pick another prompt: no stop string in {full!r}"
     settings = dict(model="a2", prompt="one two", max_tokens=20, temperature=0, stop=[stop])
@@ -41,6 +44,15 @@ def test_seeded_sampling_repeats_and_differs_from_greedy(served):
 
 
 def test_length_finish_when_max_tokens_is_reached(served):
-    reply = served.client().completions.create(model="a0", prompt="hello", max_tokens=1, temperature=0)
+    client = served.client()
+    settings = dict(model="a0", prompt="hello", temperature=0)
+    longer = client.completions.create(max_tokens=4, **settings)
+    # The greedy answer goes on past its first token, so that token is not the end-of-sequence token:
+    # a one-token answer can only have ended on max_tokens.
+    assert longer.usage.completion_tokens > 1, "the first token ends the sequence here; pick another prompt"
+    reply = client.completions.create(max_tokens=1, **settings)
     assert reply.usage.completion_tokens == 1
-    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert reply.choices[0].finish_reason == "length"
+    assert longer.choices[0].text.startswith(reply.choices[0].text)
+    chunks = list(client.completions.create(max_tokens=1, stream=True, **settings))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
