@@ -4,8 +4,8 @@ One process, or several under torchrun (DDP or FSDP2, see distributed.py and par
 rank reads its own share of every step, the loss is the mean over all label tokens of the global
 batch, and rank 0 alone claims the output folder, prints and writes.
 
-The run reads top to bottom: `_plan` checks the settings and reads the data before the output
-folder is claimed, `_prepare` builds the model, data and optimizer into a `_Run`, `_steps` trains,
+The run reads top to bottom: `make_plan` checks the settings and reads the data before the output
+folder is claimed, `prepare` (prepare.py) builds the model, data and optimizer into a `Run`, `_steps` trains,
 and `_finish` evaluates and saves the adapter.
 """
 
@@ -17,39 +17,26 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.core.adapters import trainable_parameters_line
-from lorakit.core.config import LoraConfig, is_svd_init
-from lorakit.core.inject import add_adapter
+from lorakit.core.config import is_svd_init
 from lorakit.data import (
     Batch,
     DataPosition,
-    EvalPair,
-    TokenizedDataset,
     batches,
-    build_dataset,
-    eval_pairs,
-    load_records,
-    split_validation,
-    steps_per_epoch,
 )
-from lorakit.data.jsonl import FormatChoice
-from lorakit.fusion.fuse import fuse_for_training
-from lorakit.hf.checkpointing import enable_checkpointing
-from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lorakit.train.checkpoint import list_checkpoints, save_checkpoint
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import World, broadcast, on_main, start
 from lorakit.train.evaluate import ExactMatch, evaluation_loss, exact_match_score
 from lorakit.train.metrics import MetricsLog, plot_losses
-from lorakit.train.optimizer import build_optimizer
-from lorakit.train.parallel import base_bytes, full_tensor, no_sync, whole_trainables, wrap
+from lorakit.train.parallel import full_tensor, no_sync, whole_trainables
+from lorakit.train.prepare import Run, make_plan, prepare, say
 from lorakit.train.run_folder import claim_run_folder, run_settings
-from lorakit.train.schedule import warmup_cosine
 
 ADAPTER_NAME = "default"
 
@@ -68,60 +55,6 @@ class TrainResult:
     val_loss: float | None
     exact_match: ExactMatch | None
     seconds: float
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What is checked and read before the output folder is claimed, so a bad setting fails fast."""
-
-    config: TrainConfig
-    world: World
-    lora: LoraConfig
-    accumulation: int
-    """Micro-batches per optimizer step on each rank."""
-    records: list
-    val_records: list
-    """The validation records: val_data's, a val_fraction split off the training data, or none."""
-
-
-@dataclass(frozen=True)
-class _Data:
-    train_set: TokenizedDataset
-    val_set: TokenizedDataset | None
-    """None without validation records."""
-    pairs: list[EvalPair]
-    """Prompts and references for exact match: the first eval_exact_match validation records."""
-
-
-@dataclass(frozen=True)
-class _Run:
-    """What `_prepare` builds for `_steps` and `_finish`."""
-
-    config: TrainConfig
-    world: World
-    output_dir: Path
-    model: nn.Module
-    """The base model with the adapter added; checkpoints and the adapter are saved from it."""
-    tokenizer: Any
-    wrapped: nn.Module
-    """The loss module, under DDP or FSDP2 when distributed: what the steps call."""
-    evaluated: Any
-    """What evaluation and generation call: `wrapped` under FSDP2, else `model`."""
-    device: torch.device
-    data: _Data
-    params: list[nn.Parameter]
-    """The trainable parameters: what the optimizer steps and the gradient clip sees."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    total_steps: int
-    accumulation: int
-    """Micro-batches per optimizer step on each rank."""
-    first_step: int
-    """0, or the step of the checkpoint resumed from."""
-    position: DataPosition
-    """Where in the data the first step starts."""
-    metrics: MetricsLog | None
-    """metrics.jsonl, on rank 0 only."""
 
 
 @dataclass
@@ -156,20 +89,20 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = 
 
 def _claim_and_run(config: TrainConfig, world: World, model: nn.Module | None, tokenizer: Any,
                    started: float) -> TrainResult:
-    plan = _plan(config, world)
-    folder = on_main(world, lambda: claim_run_folder(config, partial(_say, world), world.world_size))
+    plan = make_plan(config, world)
+    folder = on_main(world, lambda: claim_run_folder(config, partial(say, world), world.world_size))
     resume_from = broadcast(world, folder.resume_from if folder is not None else None)
     try:
-        run = _prepare(plan, resume_from, model, tokenizer)
+        run = prepare(plan, resume_from, model, tokenizer)
         result = _finish(run, _steps(run), started)
     except KeyboardInterrupt:
         if folder is not None:
             kept = list_checkpoints(folder.path)
             if kept:
-                _say(world, f"interrupted; {kept[-1]} is kept: run the same command with --resume to "
+                say(world, f"interrupted; {kept[-1]} is kept: run the same command with --resume to "
                      "continue from it")
             else:
-                _say(world, "interrupted before the first checkpoint (--save-every N keeps progress); "
+                say(world, "interrupted before the first checkpoint (--save-every N keeps progress); "
                      "a rerun starts over")
             folder.release(failed=True)
         raise
@@ -183,83 +116,7 @@ def _claim_and_run(config: TrainConfig, world: World, model: nn.Module | None, t
     return result
 
 
-def _plan(config: TrainConfig, world: World) -> _Plan:
-    lora = config.lora_config()
-    accumulation = config.accumulation(world.world_size)  # a global batch that does not split: an error now
-    records, val_records = _records(config, world)  # data problems show before any slow work
-    return _Plan(config=config, world=world, lora=lora, accumulation=accumulation, records=records,
-                 val_records=val_records)
-
-
-def _prepare(plan: _Plan, resume_from: Path | None, model: nn.Module | None, tokenizer: Any) -> _Run:
-    """Load the model, build the data, add and wrap the adapter, build the optimizer; resume if asked."""
-    config, world = plan.config, plan.world
-    torch.manual_seed(config.seed)
-    model, tokenizer = _load_model(config, world, model, tokenizer)
-    device = next(model.parameters()).device
-    data = _datasets(config, world, tokenizer, plan.records, plan.val_records)
-    wrapped = _add_adapter_and_wrap(model, plan)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = build_optimizer(config, model, params)  # LoRA+ groups when config.loraplus_ratio is set
-    per_epoch = math.ceil(steps_per_epoch(len(data.train_set), config.batch_size, world.world_size)
-                          / plan.accumulation)
-    total_steps = config.max_steps or config.epochs * per_epoch
-    scheduler = warmup_cosine(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
-    step, position = 0, DataPosition()
-    if resume_from is not None:
-        restored = load_checkpoint(resume_from, model, optimizer, scheduler, world)
-        step, position = restored.step, DataPosition.from_dict(restored.data_position)
-        _say(world, f"resumed from {restored.path} (step {step})")
-    output_dir = Path(config.output_dir)
-    metrics = (MetricsLog(output_dir / "metrics.jsonl", resume_step=step if resume_from is not None else None,
-                          say=partial(_say, world)) if world.is_main else None)
-    # Evaluation and generation run on every rank alike: under FSDP2 every forward gathers weights.
-    evaluated = wrapped if world.strategy == "fsdp" else model
-    return _Run(config=config, world=world, output_dir=output_dir, model=model, tokenizer=tokenizer,
-                wrapped=wrapped, evaluated=evaluated, device=device, data=data, params=params,
-                optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
-                accumulation=plan.accumulation, first_step=step, position=position, metrics=metrics)
-
-
-def _load_model(config: TrainConfig, world: World, model: nn.Module | None,
-                tokenizer: Any) -> tuple[nn.Module, Any]:
-    """The given model and tokenizer, or `config.model` loaded; on this rank's device when distributed."""
-    if model is None or tokenizer is None:
-        from lorakit.hf import load_model
-
-        device_name = str(world.device) if world.distributed else config.device
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=device_name)
-    if world.distributed:
-        model.to(world.device)
-    return model, tokenizer
-
-
-def _add_adapter_and_wrap(model: nn.Module, plan: _Plan) -> nn.Module:
-    """Quantize the base if asked, add the adapter, and wrap the model for the ranks; the loss module."""
-    config, world = plan.config, plan.world
-    if config.quantize:
-        from lorakit.quant import quantize_model
-
-        quantize_model(model, config.quantize)
-    add_adapter(model, plan.lora)
-    fuse_for_training(model)  # MLPs and q/k/v's A sides as fused functions: same values, less work
-    if config.gradient_checkpointing:
-        enable_checkpointing(model)
-    if world.is_main:
-        _announce(model, config, world)
-    wrapped = wrap(model, world)  # the loss module, under DDP or FSDP2 when distributed
-    if world.distributed:
-        _say(world, f"{world.strategy} on {world.world_size} ranks ({world.device.type}): "
-             f"{config.batch_size} rows x {plan.accumulation} micro-batch(es) x {world.world_size} ranks "
-             f"= {config.global_batch(world.world_size)} rows per step")
-    if world.strategy == "fsdp":
-        local, whole = base_bytes(model)
-        _say(world, f"base weights per rank: {local / 2**30:.3f} GiB (of {whole / 2**30:.3f}; "
-             f"{local:,d} of {whole:,d} bytes)")
-    return wrapped
-
-
-def _steps(run: _Run) -> _Progress:
+def _steps(run: Run) -> _Progress:
     """Train from the run's first step to its last, or until the data runs out (epochs done)."""
     config, world = run.config, run.world
     micro_batches = batches(run.data.train_set, config.batch_size, seed=config.seed, start=run.position,
@@ -304,7 +161,7 @@ def _last_train_loss(metrics: MetricsLog | None) -> float:
     return next((e["loss"] for e in reversed(events) if e.get("kind") == "train"), float("nan"))
 
 
-def _backward(run: _Run, window: list[Batch], autocast: contextlib.AbstractContextManager[Any]) -> float:
+def _backward(run: Run, window: list[Batch], autocast: contextlib.AbstractContextManager[Any]) -> float:
     """Forward and backward over one step's micro-batches; the step's loss, summed over the ranks."""
     # The step's label tokens over all ranks and micro-batches: each micro-loss is a share of
     # the global token mean, so ranks with more padding do not weigh more (parallel.py).
@@ -319,7 +176,7 @@ def _backward(run: _Run, window: list[Batch], autocast: contextlib.AbstractConte
     return run.world.sum(loss_value)  # the same value on every rank
 
 
-def _update(run: _Run) -> tuple[float, dict[str, float]]:
+def _update(run: Run) -> tuple[float, dict[str, float]]:
     """Clip the gradient if asked, then step; the learning rate this step used, and the gradient norm."""
     extra = {}
     if run.config.max_grad_norm is not None:
@@ -333,7 +190,7 @@ def _update(run: _Run) -> tuple[float, dict[str, float]]:
     return lr, extra
 
 
-def _evaluate_and_save(run: _Run, progress: _Progress, bar: tqdm[Any], position: DataPosition) -> None:
+def _evaluate_and_save(run: Run, progress: _Progress, bar: tqdm[Any], position: DataPosition) -> None:
     """Measure the validation loss every eval_every steps; write a checkpoint every save_every steps."""
     config, step, val_set = run.config, progress.step, run.data.val_set
     if val_set is not None and config.eval_every and step % config.eval_every == 0:
@@ -347,7 +204,7 @@ def _evaluate_and_save(run: _Run, progress: _Progress, bar: tqdm[Any], position:
                         world=run.world)
 
 
-def _finish(run: _Run, progress: _Progress, started: float) -> TrainResult:
+def _finish(run: Run, progress: _Progress, started: float) -> TrainResult:
     """The final validation loss (unless the last step measured it) and exact match; save the adapter."""
     config, step, val_set, val_loss = run.config, progress.step, run.data.val_set, progress.val_loss
     if val_set is not None and (val_loss is None or not config.eval_every or step % config.eval_every):
@@ -384,42 +241,6 @@ def _save_adapter(model: nn.Module, folder: Path, world: World, convert_to_lora:
             save_adapter(model, folder, name=ADAPTER_NAME, convert_to_lora=convert_to_lora)
 
 
-def _records(config: TrainConfig, world: World) -> tuple[list, list]:
-    """The training and validation records, read and checked before anything slow happens."""
-    data_format = cast(FormatChoice, config.format)  # checked by TrainConfig
-    records, report = load_records(config.data, format=data_format, skip_bad=config.skip_bad_lines)
-    if report.num_skipped:
-        _say(world, f"skipped {report.num_skipped} bad line(s) in {config.data}")
-    if config.val_data:
-        val_records, _ = load_records(config.val_data, format=data_format, skip_bad=config.skip_bad_lines)
-    elif config.val_fraction:
-        records, val_records = split_validation(records, config.val_fraction, seed=config.seed)
-    else:
-        val_records = []
-    return records, val_records
-
-
-def _datasets(config: TrainConfig, world: World, tokenizer: Any, records: list, val_records: list) -> _Data:
-    train_set, build = build_dataset(records, tokenizer, max_length=config.max_length,
-                                     train_on_prompt=config.train_on_prompt, pack=config.pack)
-    _say(world, build.summary())
-    val_set = None
-    if val_records:
-        val_set, _ = build_dataset(val_records, tokenizer, max_length=config.max_length,
-                                   train_on_prompt=config.train_on_prompt)
-    pairs = eval_pairs(val_records[: config.eval_exact_match], tokenizer) if config.eval_exact_match else []
-    return _Data(train_set=train_set, val_set=val_set, pairs=pairs)
-
-
-def _announce(model: nn.Module, config: TrainConfig, world: World) -> None:
-    from lorakit.estimate.footprint import estimate_for_model
-
-    _say(world, trainable_parameters_line(model))
-    estimate = estimate_for_model(model, batch_size=config.batch_size, seq_len=config.max_length,
-                                  gradient_checkpointing=config.gradient_checkpointing)
-    _say(world, f"estimated memory: {estimate.summary()}")
-
-
 def _take(iterator: Any, count: int) -> list:
     taken = []
     for _ in range(count):
@@ -428,9 +249,3 @@ def _take(iterator: Any, count: int) -> list:
             break
         taken.append(item)
     return taken
-
-
-def _say(world: World, message: str) -> None:
-    """Print `message` on rank 0 alone (through tqdm, so an open progress bar stays whole)."""
-    if world.is_main:
-        tqdm.write(message)
