@@ -22,8 +22,8 @@ from torch import nn
 from lorakit.core.adapters import active_adapters, adapter_configs, format_trainable, trainable_parameters
 from lorakit.core.checks import is_positive_int
 from lorakit.core.config import ALL_LINEAR, LoraConfig, parse_targets
+from lorakit.core.contract import is_quantized
 from lorakit.core.inject import add_adapter
-from lorakit.core.layers import base_kind
 from lorakit.estimate.activations import (
     Shape,
     activation_bytes,
@@ -284,7 +284,7 @@ def _units(net: nn.Module, quantized_paths: set[str], size: int) -> dict[str, Un
 
 
 def _is_quantized(module: nn.Module) -> bool:
-    return base_kind(module) == "quantized"
+    return is_quantized(module)
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype:
