@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lorakit.core.config import LoraConfig
 from lorakit.core.contract import base_device
 from lorakit.core.registry import (
     adapter_configs,
@@ -83,8 +84,15 @@ def _check(model: nn.Module, names: list[str | None]) -> None:
                          "set_adapter, or merge them")
 
 
+def runs_per_row(config: LoraConfig) -> bool:
+    """Whether an adapter made from `config` can run per row: the one rule, which serve asks too.
+
+    Not a DoRA adapter: its rescaling needs one adapter's weight norm for the whole batch.
+    """
+    return not config.use_dora
+
+
 def not_per_row(model: nn.Module, names: Sequence[str | None]) -> list[str]:
-    """The adapters among `names` that cannot run per row: DoRA adapters, whose rescaling needs the
-    weight norm of one adapter for the whole batch. The one rule; serve asks it too."""
+    """The adapters among `names` that cannot run per row (`runs_per_row`)."""
     configs = adapter_configs(model)
-    return sorted({n for n in names if n is not None and n in configs and configs[n].use_dora})
+    return sorted({n for n in names if n is not None and n in configs and not runs_per_row(configs[n])})

@@ -45,19 +45,19 @@ class AdapterRegistry:
 
     def add(self, name: str, path: str | os.PathLike[str]) -> None:
         """Load adapter folder `path` as `name` (checked fully first); ValueError/FileNotFoundError otherwise."""
-        from lorakit.core.adapters import delete_adapter
-        from lorakit.core.per_row import not_per_row
-        from lorakit.formats.io import load_adapter
+        from lorakit.core.per_row import runs_per_row
+        from lorakit.formats.adapter_folder import find_adapter_folder
+        from lorakit.formats.io import load_adapter, read_adapter
 
         if name == self.base_name or name in self.paths:
             raise ValueError(f"the name {name!r} is taken already (served: {', '.join(self.names())}); "
                              "choose another or unload it first")
+        config, _, _ = read_adapter(find_adapter_folder(path))  # the files checked before the model changes
+        if not runs_per_row(config):  # core's rule: each row would need its own weight norm
+            raise ValueError(f"{path} is a DoRA adapter, which lorakit serve cannot run per row; merge it into "
+                             "the base (lorakit merge) and serve that, or serve it with vLLM")
         with self.model_lock:
             load_adapter(self.model, path, name=name)
-            if not_per_row(self.model, [name]):  # each row would need its own weight norm
-                delete_adapter(self.model, name)
-                raise ValueError(f"{path} is a DoRA adapter, which lorakit serve cannot run per row; merge it into "
-                                 "the base (lorakit merge) and serve that, or serve it with vLLM")
         with self.lock:
             self.paths[name] = str(path)
 

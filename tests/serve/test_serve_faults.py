@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -237,9 +238,14 @@ def test_metrics_count_requests_tokens_batch_and_queue(served):
 def test_dora_adapters_are_refused_at_load(served, files):
     import json
 
-    shutil.copytree(files.adapters / "a2", files.adapters / "dora", dirs_exist_ok=True)
-    config_file = files.adapters / "dora" / "adapter_config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_dora": True}))
-    status, _, body = post(served.url, "/v1/load_lora_adapter", {"lora_name": "d", "lora_path": "dora"})
+    # --adapter-dir is the session's shared folder: this test's adapter is made and removed in it.
+    folder = files.adapters / f"dora-{os.getpid()}"
+    shutil.copytree(files.adapters / "a2", folder)
+    try:
+        config_file = folder / "adapter_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_dora": True}))
+        status, _, body = post(served.url, "/v1/load_lora_adapter", {"lora_name": "d", "lora_path": folder.name})
+    finally:
+        shutil.rmtree(folder)
     assert status == 400
     assert "is a DoRA adapter, which lorakit serve cannot run per row" in body["error"]["message"]
