@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from lorakit.core.checks import is_finite_real, is_positive_int
 from lorakit.core.config import LoraConfig
 from lorakit.core.contract import LoraLayer
 from lorakit.core.inject import add_adapter
@@ -90,7 +91,7 @@ def _check(model: nn.Module, weights: Mapping[str, float], name: str, method: st
     if name in known:
         raise ValueError(f"adapter {name!r} already exists on this model; choose another name for the combination")
     refuse_merged(model, "before combining (the combination becomes the active adapter)")
-    bad = {n: w for n, w in weights.items() if not isinstance(w, int | float) or not math.isfinite(w)}
+    bad = {n: w for n, w in weights.items() if not is_finite_real(w)}
     if bad:
         raise ValueError(f"weights must be finite numbers, got {bad}")
     with_copies = [n for n in weights if adapter_configs(model)[n].modules_to_save]
@@ -101,7 +102,7 @@ def _check(model: nn.Module, weights: Mapping[str, float], name: str, method: st
     if with_dora:
         raise ValueError(f"adapters {with_dora} use DoRA, whose magnitude rescales the base weight per row, so their "
                          "deltas do not add up as B A products; combine plain LoRA adapters only")
-    if method == "svd" and svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
+    if method == "svd" and svd_rank is not None and not is_positive_int(svd_rank):
         raise ValueError(f"svd_rank must be an integer >= 1, got {svd_rank!r}")
     if method == "linear" and math.isclose(sum(weights.values()), 0.0, abs_tol=1e-12):
         raise ValueError(f"method 'linear' averages the As with the weights, which sum to 0 here: {dict(weights)}")

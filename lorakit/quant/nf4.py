@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.core.checks import is_int
 from lorakit.quant.double_quant import DOUBLE_QUANT_BLOCK_SIZE, dequantize_absmax, quantize_absmax
 
 NF4_VALUES: tuple[float, ...] = (
@@ -156,8 +157,7 @@ class NF4Tensor:
 
 def _check_block_size(block_size: int) -> None:
     if (
-        not isinstance(block_size, int)
-        or isinstance(block_size, bool)
+        not is_int(block_size)
         or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
         or block_size & (block_size - 1)
     ):
