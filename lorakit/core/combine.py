@@ -79,7 +79,8 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
     return math.sqrt(error_sq / total_sq) if total_sq > 0 else 0.0
 
 
-def _check(model: nn.Module, weights: Mapping[str, float], name: str, method: str, svd_rank: int | None) -> None:
+def _check(model: nn.Module, weights: Mapping[str, float], name: str, method: str,
+           svd_rank: int | None) -> None:
     known = list_adapters(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -89,7 +90,8 @@ def _check(model: nn.Module, weights: Mapping[str, float], name: str, method: st
     if unknown:
         raise unknown_adapter_error(model, unknown)
     if name in known:
-        raise ValueError(f"adapter {name!r} already exists on this model; choose another name for the combination")
+        raise ValueError(f"adapter {name!r} already exists on this model; "
+                         "choose another name for the combination")
     refuse_merged(model, "before combining (the combination becomes the active adapter)")
     bad = {n: w for n, w in weights.items() if not is_finite_real(w)}
     if bad:
@@ -100,12 +102,13 @@ def _check(model: nn.Module, weights: Mapping[str, float], name: str, method: st
                          "combined; combine adapters without modules_to_save")
     with_dora = [n for n in weights if adapter_configs(model)[n].use_dora]
     if with_dora:
-        raise ValueError(f"adapters {with_dora} use DoRA, whose magnitude rescales the base weight per row, so their "
-                         "deltas do not add up as B A products; combine plain LoRA adapters only")
+        raise ValueError(f"adapters {with_dora} use DoRA, whose magnitude rescales the base weight per row, "
+                         "so their deltas do not add up as B A products; combine plain LoRA adapters only")
     if method == "svd" and svd_rank is not None and not is_positive_int(svd_rank):
         raise ValueError(f"svd_rank must be an integer >= 1, got {svd_rank!r}")
     if method == "linear" and math.isclose(sum(weights.values()), 0.0, abs_tol=1e-12):
-        raise ValueError(f"method 'linear' averages the As with the weights, which sum to 0 here: {dict(weights)}")
+        raise ValueError("method 'linear' averages the As with the weights, which sum to 0 here: "
+                         f"{dict(weights)}")
 
 
 def _check_same_shapes(layers: list[LoraLayer], weights: Mapping[str, float]) -> None:

@@ -124,15 +124,17 @@ class LoraConfig:
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not is_init(self.init):
-            problems.append(f"init must be one of {', '.join(INIT_MODES + SVD_INITS)} (N an integer >= 1, e.g. "
-                            f"pissa_niter_4), got {self.init!r}")
+            problems.append(f"init must be one of {', '.join(INIT_MODES + SVD_INITS)} "
+                            f"(N an integer >= 1, e.g. pissa_niter_4), got {self.init!r}")
         problems += _pattern_problems("targets", self.targets, allow_none=False)
         problems += _pattern_problems("exclude", self.exclude, allow_none=True)
-        if self.modules_to_save is not None and not (isinstance(self.modules_to_save, tuple)
-                                                     and all(isinstance(v, str) and v for v in self.modules_to_save)):
+        if self.modules_to_save is not None and not (
+                isinstance(self.modules_to_save, tuple)
+                and all(isinstance(v, str) and v for v in self.modules_to_save)):
             problems.append(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         if self.layers is not None and not isinstance(self.layers, tuple):
-            problems.append(f"layers must be a list of non-negative block indices (e.g. [0, 1]), got {self.layers!r}")
+            problems.append("layers must be a list of non-negative block indices (e.g. [0, 1]), "
+                            f"got {self.layers!r}")
         elif self.layers is not None and not all(is_non_negative_int(i) for i in self.layers):
             problems.append(f"layers must be non-negative block indices, got {list(self.layers)!r}")
         problems += _mapping_problems("rank_pattern", self.rank_pattern, "rank", {"v_proj": 4},

@@ -262,7 +262,8 @@ class LoraLayer(nn.Module):
             self.active_adapters.remove(name)
 
     def start(self, name: str, r: int, alpha: float | None, dropout: float) -> None:
-        """Standalone use: freeze the base, add adapter `name` (s = alpha / r; alpha defaults to r), run and train it."""
+        """Standalone use: freeze the base, add adapter `name` (s = alpha / r; alpha defaults to r),
+        run and train it."""
         self.base.requires_grad_(False)
         self.add(name, r, (r if alpha is None else alpha) / r, dropout)
         self.set_active([name])
@@ -338,9 +339,10 @@ class LoraLayer(nn.Module):
         for index, name in enumerate(names):
             if self.merges_first(name) and (self.merged_adapters or index > 0):
                 before = [*self.merged_adapters, *names[:index]]
-                raise ValueError(f"adapter {name!r} uses DoRA, whose merged weight needs the unmerged base weight, "
-                                 f"but {', '.join(map(repr, before))} would be merged into {self.path!r} before it; "
-                                 "merge the DoRA adapter first (unmerge() undoes every merge)")
+                raise ValueError(f"adapter {name!r} uses DoRA, whose merged weight needs the unmerged base "
+                                 f"weight, but {', '.join(map(repr, before))} would be merged into "
+                                 f"{self.path!r} before it; merge the DoRA adapter first (unmerge() undoes "
+                                 "every merge)")
 
     def check_merge(self, names: Sequence[str]) -> None:
         """Refuse (ValueError) when W0 + delta of an adapter among `names` has an inf or NaN in the

@@ -118,14 +118,17 @@ class Dora:
     def start(self, layer: Any, name: str) -> None:
         """Make adapter `name` a DoRA adapter (again): m = ||W + s B A||_row of the current W, A and B."""
         a, b = layer.factors(name)
-        layer.lora_magnitude_vector[name] = Magnitude(row_norm(layer.weight_rows(), a, b, layer.scaling[name]).to(a.dtype))
+        layer.lora_magnitude_vector[name] = Magnitude(
+            row_norm(layer.weight_rows(), a, b, layer.scaling[name]).to(a.dtype))
 
     def norm(self, layer: Any, name: str) -> torch.Tensor:
         """||W + s B A||_row of adapter `name`, detached: computed once per change of W, A or B."""
         sources = [*layer.base.parameters(recurse=False), *layer.base.buffers(recurse=False)]
-        return layer.magnitude(name).norm(layer.weight_rows, *layer.factors(name), layer.scaling[name], sources)
+        return layer.magnitude(name).norm(layer.weight_rows, *layer.factors(name), layer.scaling[name],
+                                          sources)
 
-    def output(self, layer: Any, name: str, z: torch.Tensor, h: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def output(self, layer: Any, name: str, z: torch.Tensor, h: torch.Tensor,
+               base_out: torch.Tensor) -> torch.Tensor:
         """The layer's output so far once adapter `name` ran: z = W0 x + bias + s B A dropout(x) is its
         update on the base output alone, h the output before it."""
         bias = getattr(layer.base, "bias", None)
@@ -152,7 +155,8 @@ class Dora:
                 rows = layer.weight_rows().to(delta.dtype) + delta
             else:
                 assert magnitude.merged_norm is not None, "a merged DoRA adapter keeps its norm"
-                rows = unmerged_weight(layer.weight_rows(), a, b, scale, magnitude.weight, magnitude.merged_norm)
+                rows = unmerged_weight(layer.weight_rows(), a, b, scale, magnitude.weight,
+                                       magnitude.merged_norm)
                 magnitude.merged_norm = None
             weight.copy_((rows.T if layer.weight_in_by_out else rows).to(weight.dtype))
 

@@ -42,7 +42,8 @@ class LoraEmbedding(LoraLayer):
     def __init__(self, base: nn.Embedding, path: str = "", r: int | None = None, alpha: float | None = None,
                  name: str = "default") -> None:
         if not isinstance(base, nn.Embedding):
-            raise TypeError(f"LoraEmbedding cannot wrap {type(base).__name__} at {path!r}; it wraps nn.Embedding")
+            raise TypeError(f"LoraEmbedding cannot wrap {type(base).__name__} at {path!r}; "
+                            "it wraps nn.Embedding")
         super().__init__(base, path)
         self.fan_in_fan_out = False  # PEFT's flag is for linear layers only
         self.lora_embedding_A = nn.ParameterDict()  # name -> A: (r, num_embeddings)
@@ -92,5 +93,6 @@ class LoraEmbedding(LoraLayer):
         a, b = self.factors(name)
         base = cast(nn.Embedding, self.base)
         rows = F.embedding(ids, a.T, padding_idx=base.padding_idx, max_norm=base.max_norm,
-                           norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+                           norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
+                           sparse=base.sparse)
         return ((rows @ b.T) * self.scaling[name]).to(base.weight.dtype), 1.0

@@ -76,8 +76,8 @@ class ModulesToSave(nn.Module):
         # Per row: the original runs on every row, then rows of an adapter with a copy take its output.
         output = self.original_module(*args, **kwargs)
         if not isinstance(output, torch.Tensor):
-            raise TypeError(f"adapters_per_row supports modules_to_save only for modules returning one tensor; "
-                            f"{self.path!r} returned {type(output).__name__}")
+            raise TypeError("adapters_per_row supports modules_to_save only for modules returning one "
+                            f"tensor; {self.path!r} returned {type(output).__name__}")
         batch = output.shape[0]
         for name, rows in self.row_adapters.groups(batch, self.path):
             if name not in self.modules_to_save:

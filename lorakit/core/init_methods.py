@@ -26,8 +26,10 @@ import torch
 from lorakit.core.config import LoraConfig
 
 
-def factors_from_weight(weight: torch.Tensor, r: int, scale: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (r x in), B (out x r)) for `init` from W (out x in), in fp32 or wider: s B A is what the residual loses."""
+def factors_from_weight(weight: torch.Tensor, r: int, scale: float,
+                        init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r x in), B (out x r)) for `init` from W (out x in), in fp32 or wider: s B A is what the
+    residual loses."""
     weight = weight.to(torch.promote_types(weight.dtype, torch.float32))
     if init == "olora":
         q, upper = torch.linalg.qr(weight)  # (out, k), (k, in)
@@ -62,4 +64,5 @@ def converted_factors(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor,
 
 def relative_error(requantized: torch.Tensor, update: torch.Tensor, quantized: torch.Tensor) -> float:
     """||Q(W_res) + s B A - Q(W)||_F / ||Q(W)||_F: what re-quantizing the residual changed."""
-    return float(torch.linalg.norm(requantized + update - quantized) / torch.linalg.norm(quantized).clamp_min(1e-30))
+    return float(torch.linalg.norm(requantized + update - quantized)
+                 / torch.linalg.norm(quantized).clamp_min(1e-30))

@@ -86,10 +86,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
         found.append((path, module))
     if not isinstance(config.targets, str):
         # Every name in a list must match: a typo among good names would otherwise go unnoticed.
-        unmatched = [key for key in config.targets if not any(path_matches((key,), p) for p, _ in model_modules(model))]
+        unmatched = [key for key in config.targets
+                     if not any(path_matches((key,), p) for p, _ in model_modules(model))]
         if unmatched:
             raise ValueError(f"target(s) {', '.join(map(repr, unmatched))} matched no module; "
-                             f"linear modules in this model: {', '.join(linear_module_names(model)) or 'none'}")
+                             "linear modules in this model: "
+                             f"{', '.join(linear_module_names(model)) or 'none'}")
     if not found:
         raise ValueError(
             f"targets {_describe(config.targets)} matched no module"
@@ -168,7 +170,8 @@ def _check_variants(targets: list[tuple[str, nn.Module]], config: LoraConfig) ->
     no_dora = [path for path, kind in kinds.items() if kind is not None and not kind.supports_dora]
     if config.use_dora and no_dora:
         raise ValueError(f"DoRA (use_dora) works on linear layers (nn.Linear, Conv1D, NF4Linear), not on the "
-                         f"embedding(s) {', '.join(no_dora[:3])}; leave them out of targets, or use plain LoRA")
+                         f"embedding(s) {', '.join(no_dora[:3])}; leave them out of targets, "
+                         "or use plain LoRA")
     no_svd = [path for path, kind in kinds.items() if kind is not None and not kind.supports_svd_init]
     if is_svd_init(config.init) and no_svd:
         raise ValueError(f"init {config.init!r} works on linear layers, not on the embedding(s) "
@@ -176,17 +179,18 @@ def _check_variants(targets: list[tuple[str, nn.Module]], config: LoraConfig) ->
     quantized = [path for path, module in targets if is_quantized(unwrapped(module))]
     if is_svd_init(config.init) and quantized and not config.allow_requantize:
         raise ValueError(f"init {config.init!r} turns the base weight into the residual W - s B A, but "
-                         f"{quantized[0]} (and {len(quantized) - 1} more) is 4-bit: pass allow_requantize=True to "
-                         "quantize the residual again (adds a quantization error, reported), or initialise on the "
-                         "unquantized model and quantize afterwards")
+                         f"{quantized[0]} (and {len(quantized) - 1} more) is 4-bit: pass "
+                         "allow_requantize=True to quantize the residual again (adds a quantization error, "
+                         "reported), or initialise on the unquantized model and quantize afterwards")
 
 
 def _report_requantization(layers: list[LoraLayer], name: str) -> None:
     errors = [layer.requantization_error[name] for layer in layers if name in layer.requantization_error]
     if errors:
-        warnings.warn(f"adapter {name!r}: the residual base of {len(errors)} 4-bit layer(s) was quantized again, so "
-                      "Q(W - s B A) + s B A differs from Q(W): relative error ||.||_F / ||Q(W)||_F mean "
-                      f"{sum(errors) / len(errors):.2e}, max {max(errors):.2e}", stacklevel=3)
+        warnings.warn(f"adapter {name!r}: the residual base of {len(errors)} 4-bit layer(s) was quantized "
+                      "again, so Q(W - s B A) + s B A differs from Q(W): relative error "
+                      f"||.||_F / ||Q(W)||_F mean {sum(errors) / len(errors):.2e}, max {max(errors):.2e}",
+                      stacklevel=3)
 
 
 def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:

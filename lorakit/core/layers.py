@@ -36,8 +36,8 @@ from lorakit.core.dora import DORA, Dora, Magnitude
 from lorakit.core.embedding_layer import LoraEmbedding
 from lorakit.core.init_methods import factors_from_weight, relative_error
 
-__all__ = ["SUPPORTED_MODULES", "LoraEmbedding", "LoraLayer", "LoraLinear", "base_kind", "in_out", "layer_class",
-           "register_kind", "wrap"]
+__all__ = ["SUPPORTED_MODULES", "LoraEmbedding", "LoraLayer", "LoraLinear", "base_kind", "in_out",
+           "layer_class", "register_kind", "wrap"]
 
 LINEAR_KINDS = ("linear", "conv1d", "quantized")
 DORA_KEY = "lora_magnitude_vector"
@@ -77,8 +77,8 @@ class LoraLinear(LoraLayer):
         self.lora_dropout = nn.ModuleDict()  # name -> nn.Dropout(p), or nn.Identity without dropout
         self.shares_dropout_mask: dict[str, bool] = {}
         self.lora_magnitude_vector = nn.ModuleDict()  # name -> Magnitude (m: (out,)), DoRA adapters only
-        # layers reading the same input (q, k, v), whose A sides run as one GEMM (lorakit.kernels.shared_input);
-        # set by lorakit.fusion.fused_attention
+        # layers reading the same input (q, k, v), whose A sides run as one GEMM
+        # (lorakit.kernels.shared_input); set by lorakit.fusion.fused_attention
         self.input_group: Any = None
         if r is not None:
             self.start(name, r, alpha, dropout)
@@ -175,7 +175,8 @@ class LoraLinear(LoraLayer):
             return self.base(x)
         if self.row_adapters is not None:
             return self.forward_rows(x, self.base(x))
-        fast = None if self.kernels is None else self.kernels.forward(self, x)  # lorakit.kernels, where it applies
+        # lorakit.kernels, where it applies
+        fast = None if self.kernels is None else self.kernels.forward(self, x)
         return self.forward_adapters(x, self.reference_update) if fast is None else fast
 
     def forward_adapters(self, x: torch.Tensor, add_update: AdapterUpdate) -> torch.Tensor:

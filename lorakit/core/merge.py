@@ -62,8 +62,9 @@ def _refuse_tied(model: nn.Module, layers: list[LoraLayer]) -> None:
         sharing = [p for p in owners.get(id(layer.base.weight), []) if not p.startswith(prefix)]
         if sharing:
             raise ValueError(
-                f"cannot merge into {layer.path!r}: its weight is tied to {', '.join(sharing)}, so merging would "
-                "change those modules too; keep this adapter unmerged, or untie the weights first"
+                f"cannot merge into {layer.path!r}: its weight is tied to {', '.join(sharing)}, "
+                "so merging would change those modules too; keep this adapter unmerged, or untie the "
+                "weights first"
             )
 
 

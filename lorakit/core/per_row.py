@@ -3,9 +3,9 @@
 A server holding one base model and many adapters can then answer requests for different
 adapters together. The base weight is used once for the whole batch. A linear layer whose rows
 use several adapters gathers each row's A and B into stacks and runs two batched matmuls
-(`lorakit.kernels.row_stacks.gather_rows`, the BGMV scheme of Punica, S-LoRA and vLLM), however many adapters the
-rows use. Otherwise (one adapter for the batch, embeddings, live dropout) rows are grouped by
-adapter: the layer gathers a group's rows (index_select), runs that adapter's B A on them only,
+(`lorakit.kernels.row_stacks.gather_rows`, the BGMV scheme of Punica, S-LoRA and vLLM), however
+many adapters the rows use. Otherwise (one adapter for the batch, embeddings, live dropout) rows
+are grouped by adapter: the layer gathers a group's rows (index_select), runs that adapter's B A on them only,
 and adds the result back at the same rows (index_add), looping over distinct adapters.
 """
 
@@ -70,7 +70,8 @@ def _check(model: nn.Module, names: list[str | None]) -> None:
     known = list_adapters(model)
     unknown = sorted({n for n in names if n is not None and n not in known}, key=str)
     if not names or unknown:
-        raise unknown_adapter_error(model, unknown, lead="adapters_per_row needs one adapter name (or None) per row; "
+        raise unknown_adapter_error(model, unknown,
+                                    lead="adapters_per_row needs one adapter name (or None) per row; "
                                     "unknown: ", empty="(empty list)")
     if any(m.row_adapters is not None for m in adapter_modules(model)):
         raise ValueError("adapters_per_row is already in force on this model; blocks cannot be nested")
@@ -79,9 +80,9 @@ def _check(model: nn.Module, names: list[str | None]) -> None:
         raise merged_error(merged, "before adapters_per_row (merged adapters would apply to every row)")
     refused = not_per_row(model, names)
     if refused:
-        raise ValueError(f"adapter(s) {', '.join(map(repr, refused))} use DoRA, which per-row adapters do not "
-                         "support yet (each row would need its own weight norm); use them one at a time with "
-                         "set_adapter, or merge them")
+        raise ValueError(f"adapter(s) {', '.join(map(repr, refused))} use DoRA, which per-row adapters "
+                         "do not support yet (each row would need its own weight norm); use them one at a "
+                         "time with set_adapter, or merge them")
 
 
 def runs_per_row(config: LoraConfig) -> bool:

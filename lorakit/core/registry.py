@@ -1,8 +1,8 @@
 """Which adapters a model holds: their configs and the active names, kept on the model object itself.
 
 They are the model's own records (core/attached.py), so they travel with it through deepcopy and
-need no global registry; `forget_adapters` removes both (merge_and_unload). This is also the one home of the two
-refusals that every model-level function shares: an unknown adapter name, and merged adapters.
+need no global registry; `forget_adapters` removes both (merge_and_unload). This is also the one
+home of the two refusals that every model-level function shares: an unknown adapter name, and merged adapters.
 """
 
 from __future__ import annotations

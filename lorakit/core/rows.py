@@ -38,8 +38,8 @@ class RowAdapters:
         """The (adapter, rows) groups, after checking the batch has one row per given adapter."""
         if batch != len(self.names):
             raise ValueError(
-                f"adapters_per_row was given {len(self.names)} rows, but {path or 'the model'} saw a batch of "
-                f"{batch}; {_EXPANDED_HINT}"
+                f"adapters_per_row was given {len(self.names)} rows, but {path or 'the model'} saw a "
+                f"batch of {batch}; {_EXPANDED_HINT}"
             )
         return self._groups
 

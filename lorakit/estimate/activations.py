@@ -40,7 +40,8 @@ class Shape:
     fused_gate: bool  # silu(gate) * up runs as lorakit's SwiGLUFunction (keeps gate and up only)
     rms_norm: bool  # transformers' RMSNorm, which applies its weight as a separate multiply
     vocab: int  # logits per token; 0 without a language-model head
-    rebuilt_norm_outputs: int = 0  # of q/k/v's and gate/up's inputs (norm outputs), how many backward rebuilds
+    # of q/k/v's and gate/up's inputs (norm outputs), how many backward rebuilds
+    rebuilt_norm_outputs: int = 0
 
     def layer_values(self, norms_train: bool) -> int:
         """Values one decoder layer keeps per token for backward."""
@@ -96,7 +97,8 @@ def adapter_bytes_per_token(model: nn.Module, compute: torch.dtype, autocast: bo
     prepared: set[str] = set()
     for path, module in model.named_modules():
         if isinstance(module, LoraEmbedding):
-            total += sum(module.rank(n) * (compute.itemsize if autocast else module.factors(n)[0].element_size())
+            total += sum(module.rank(n)
+                         * (compute.itemsize if autocast else module.factors(n)[0].element_size())
                          for n in module.live_adapters())
         if not isinstance(module, LoraLinear):
             continue
@@ -124,7 +126,8 @@ def adapter_bytes_per_token(model: nn.Module, compute: torch.dtype, autocast: bo
 
 
 def model_shape(model: nn.Module) -> Shape:
-    """The sizes `activation_bytes` needs, from the model's config and modules (ValueError if one is missing)."""
+    """The sizes `activation_bytes` needs, from the model's config and modules (ValueError if one is
+    missing)."""
     config: Any = model.config
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model")
     heads = _config_int(config, "num_attention_heads", "n_head")
@@ -152,7 +155,8 @@ def rebuilt_norm_outputs(model: nn.Module) -> int:
     if not any(rebuilds_outputs(m) for m in model.modules()):
         return 0
     attention = any(isinstance(m, LoraLinear) and m.input_group is not None for m in model.modules())
-    mlp = any(isinstance(m, FusedGatedMLP) and isinstance(m.gate_proj, LoraLinear) and isinstance(m.up_proj, LoraLinear)
+    mlp = any(isinstance(m, FusedGatedMLP) and isinstance(m.gate_proj, LoraLinear)
+              and isinstance(m.up_proj, LoraLinear)
               for m in model.modules())
     return int(attention) + int(mlp)
 

@@ -106,9 +106,11 @@ class Estimate:
         return self.memory[self.method].summary()
 
 
-def estimate(model: str | os.PathLike[str], r: int = 16, alpha: float | None = None, targets: str | Sequence[str] = ALL_LINEAR,
+def estimate(model: str | os.PathLike[str], r: int = 16, alpha: float | None = None,
+             targets: str | Sequence[str] = ALL_LINEAR,
              quant: str | None = None, batch_size: int = 1, seq_len: int = 512, dtype: str = "bf16",
-             gradient_checkpointing: bool = False, nproc: int = 1, distributed: str | None = None) -> Estimate:
+             gradient_checkpointing: bool = False, nproc: int = 1,
+             distributed: str | None = None) -> Estimate:
     """Parameters and memory of fine-tuning `model` in full, with LoRA and with QLoRA.
 
     Args:
@@ -164,7 +166,8 @@ def estimate(model: str | os.PathLike[str], r: int = 16, alpha: float | None = N
              "formulas and conventions: docs/estimate.md" + (", docs/distributed.md" if distributed else ""))
     if distributed:
         sizes = _units(net, quantized_paths, size)
-        memory = {m: replace(one, **per_device(one.weights, one.gradients, one.optimizer, sizes[m], nproc, distributed))
+        memory = {m: replace(one, **per_device(one.weights, one.gradients, one.optimizer, sizes[m], nproc,
+                                               distributed))
                   for m, one in memory.items()}
     shown = os.fspath(model)
     shown = f"{shown} ({DEFAULT_MODEL})" if shown.strip().lower() == "default" else shown
@@ -180,8 +183,8 @@ def estimate_for_model(model: nn.Module, batch_size: int, seq_len: int, gradient
     """Memory of training `model` as it stands: its real parameters, dtypes and adapters.
 
     Weights are every parameter and buffer (an NF4 layer's codes and scales are frozen
-    parameters); gradients and AdamW's two moments follow each trainable parameter's dtype, as `torch.optim.AdamW`
-    keeps them (no master copy). Activations use `estimate`'s formula in the frozen base's
+    parameters); gradients and AdamW's two moments follow each trainable parameter's dtype, as
+    `torch.optim.AdamW` keeps them (no master copy). Activations use `estimate`'s formula in the frozen base's
     dtype (an NF4 layer's compute dtype).
 
     Args:
@@ -201,7 +204,8 @@ def estimate_for_model(model: nn.Module, batch_size: int, seq_len: int, gradient
     """
     _check_settings(batch_size, seq_len, "fp32", None)
     if getattr(model, "config", None) is None:
-        raise ValueError(f"estimate_for_model needs a transformers model (with .config), got a {type(model).__name__}")
+        raise ValueError("estimate_for_model needs a transformers model (with .config), "
+                         f"got a {type(model).__name__}")
     params = list(model.parameters())  # tied weights appear once
     gradients = _nbytes(p for p in params if p.requires_grad)
     compute, shape = _compute_dtype(model), model_shape(model)
@@ -227,7 +231,8 @@ def estimate_for_model(model: nn.Module, batch_size: int, seq_len: int, gradient
         method=method, batch_size=batch_size, seq_len=seq_len,
         dtype={value: name for name, value in DTYPES.items()}.get(compute, str(compute)),
         gradient_checkpointing=gradient_checkpointing,
-        notes=("weights: parameters and buffers; gradients and AdamW moments in each trainable parameter's dtype",),
+        notes=("weights: parameters and buffers; gradients and AdamW moments in each trainable "
+               "parameter's dtype",),
     )
 
 
@@ -246,9 +251,11 @@ def format_estimate(est: Estimate) -> str:
     title = "per device, GB (10^9 bytes)" if est.distributed else "memory in GB (10^9 bytes)"
     lines += ["", f"{title:<27}" + "".join(f"  {head:>16}" for head in heads)]
     for row in ROWS:
-        lines.append(f"{row:<27}" + "".join(f"  {getattr(est.memory[m], row) / 1e9:>16,.2f}" for m in methods))
+        lines.append(f"{row:<27}"
+                     + "".join(f"  {getattr(est.memory[m], row) / 1e9:>16,.2f}" for m in methods))
     if len(methods) > 1:
-        lines += ["", f"* the method these settings select ({'--quant nf4' if est.method == QLORA else 'no --quant'})"]
+        lines += ["", "* the method these settings select "
+                      f"({'--quant nf4' if est.method == QLORA else 'no --quant'})"]
     return "\n".join(lines + list(est.notes))
 
 
@@ -322,7 +329,8 @@ def _check_settings(batch_size: object, seq_len: object, dtype: object, quant: o
 
 def _describe_model(model: nn.Module, shape: Shape) -> str:
     config: Any = model.config
-    return f"{type(model).__name__}, {shape.layers} layers, hidden {shape.hidden}, vocab {config.vocab_size:,d}"
+    return (f"{type(model).__name__}, {shape.layers} layers, hidden {shape.hidden}, "
+            f"vocab {config.vocab_size:,d}")
 
 
 def _describe_lora(config: LoraConfig, name: str | None = None) -> str:

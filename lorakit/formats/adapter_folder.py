@@ -53,7 +53,8 @@ def find_adapter_folder(path: str | os.PathLike[str]) -> Path:
         if folder.is_file():
             raise FileNotFoundError(f"no adapter folder at {folder}: it is a file "
                                     "(give the adapter's folder, not a file in it)")
-        raise FileNotFoundError(f"no adapter folder at {folder}: nothing is there, so {CONFIG_FILE} is missing")
+        raise FileNotFoundError(f"no adapter folder at {folder}: nothing is there, "
+                                f"so {CONFIG_FILE} is missing")
     own = any((folder / name).exists() for name in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE))
     if not own and (folder / RUN_ADAPTER / CONFIG_FILE).is_file():
         return folder / RUN_ADAPTER
@@ -79,8 +80,10 @@ def check_adapter_files(folder: Path) -> None:
         if not needed.is_file():
             run = folder / RUN_ADAPTER
             saved = _checkpoint_adapters(folder)
-            hint = (f"; {folder} looks like a training run's folder, whose adapter is {run}" if run.is_dir() else
-                    f"; {folder} holds a training run's checkpoints but no final adapter (the run did not finish): "
+            hint = (f"; {folder} looks like a training run's folder, whose adapter is {run}"
+                    if run.is_dir() else
+                    f"; {folder} holds a training run's checkpoints but no final adapter "
+                    "(the run did not finish): "
                     f"give a checkpoint's, such as {saved[-1]}" if saved else "")
             raise FileNotFoundError(f"{folder} is not an adapter folder: {needed.name} is missing "
                                     f"(an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}){hint}")

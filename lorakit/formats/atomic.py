@@ -66,8 +66,8 @@ def check_parent(path: Path, name: str = "") -> None:
     for parent in path.parents:
         if os.path.lexists(parent):
             if not parent.is_dir():
-                raise ValueError(f"{name + ' ' if name else ''}{path} cannot be created: {parent} is a file, not a "
-                                 "folder; choose a path in a folder")
+                raise ValueError(f"{name + ' ' if name else ''}{path} cannot be created: {parent} is a file, "
+                                 "not a folder; choose a path in a folder")
             return
 
 
@@ -94,7 +94,8 @@ def write_file_atomically(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def write_folder_atomically(folder: Path, write: Callable[[Path], object], *,
-                            replaceable: Collection[str] | None = None, merge_order: Sequence[str] = ()) -> None:
+                            replaceable: Collection[str] | None = None,
+                            merge_order: Sequence[str] = ()) -> None:
     """Run `write` into a fresh temporary folder beside `folder`, then move the result into place.
 
     The same rule as write_file_atomically: before the move, every file is given the umask's normal

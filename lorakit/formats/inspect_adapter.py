@@ -117,8 +117,8 @@ def _summary(folder: Path, raw: dict, config: LoraConfig | None, header: Header,
         method = (f"LORA{variant}, r={config.r}, alpha={config.alpha:g}{scale}, dropout {config.dropout}, "
                   f"bias {config.bias}")
     else:
-        method = ", ".join(f"{key}={raw.get(key)!r}" for key in ("peft_type", "r", "lora_alpha", "lora_dropout",
-                                                                   "bias") if key in raw)
+        method = ", ".join(f"{key}={raw.get(key)!r}"
+                           for key in ("peft_type", "r", "lora_alpha", "lora_dropout", "bias") if key in raw)
     targets = config.targets if config is not None else raw.get("target_modules")
     layers = _layer_count(modules)
     return [
@@ -150,7 +150,8 @@ def _lora_modules(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, str], l
         for suffix in a_suffixes():
             key_b = _b_key(suffix)
             if key.startswith(PREFIX) and key.endswith(key_b) and key[: -len(key_b)] + suffix not in shapes:
-                problems.append(f"module {key[len(PREFIX):-len(key_b)]!r} has {key_b[1:]} but no {suffix[1:]}")
+                problems.append(f"module {key[len(PREFIX):-len(key_b)]!r} has {key_b[1:]} "
+                                f"but no {suffix[1:]}")
     return modules, problems
 
 
@@ -169,7 +170,8 @@ def _group_table(modules: dict[str, str], shapes: dict[str, tuple[int, ...]], ra
             fan_out = shapes[_b_key(key_a)][0]
             ranks.add(rank)
             # Alpha and scale as the loader computes them; unknown while the config is invalid.
-            alphas.add(f"{config.alpha_for(path):g}" if config is not None else str(raw.get("lora_alpha", "?")))
+            alphas.add(f"{config.alpha_for(path):g}" if config is not None
+                       else str(raw.get("lora_alpha", "?")))
             scales.add(f"{config.scale_for(path):g}" if config is not None else "?")
             sizes.add(f"{fan_in} -> {fan_out}")
             params += rank * (fan_in + fan_out)
@@ -188,7 +190,8 @@ def _other_tensors(shapes: dict[str, tuple[int, ...]], modules: dict[str, str], 
     numel = {k: math.prod(shape) for k, shape in shapes.items()}
     lora_keys = {k for key in modules.values() for k in (key, _b_key(key))}
     listed = config.modules_to_save if config is not None else raw.get("modules_to_save")
-    saved = [name for name in (listed or []) if isinstance(name, str)] if isinstance(listed, list | tuple) else []
+    saved = ([name for name in (listed or []) if isinstance(name, str)]
+             if isinstance(listed, list | tuple) else [])
     copies: Counter[str] = Counter()
     biases = other = magnitudes = 0
     for key in shapes:
@@ -207,7 +210,8 @@ def _other_tensors(shapes: dict[str, tuple[int, ...]], modules: dict[str, str], 
             other += numel[key]
     out = []
     if copies:
-        out.append(f"{'full copies':<12} " + ", ".join(f"{n} ({c:,} parameters)" for n, c in sorted(copies.items())))
+        out.append(f"{'full copies':<12} "
+                   + ", ".join(f"{n} ({c:,} parameters)" for n, c in sorted(copies.items())))
     if biases:
         out.append(f"{'biases':<12} {biases:,} parameters")
     if magnitudes:

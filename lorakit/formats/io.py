@@ -97,7 +97,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "de
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cannot save an adapter to {folder}: it is a file, and an adapter is a folder")
     config = adapter_configs(model)[name]
-    tensors = {key: t.detach().to("cpu").contiguous() for key, t in adapter_state(model, name, config.bias).items()}
+    tensors = {key: t.detach().to("cpu").contiguous()
+               for key, t in adapter_state(model, name, config.bias).items()}
     if convert_to_lora:
         config = _converted(model, name, config, tensors)
     text = json.dumps(config_to_json(model, name, config), indent=2, sort_keys=True) + "\n"
@@ -110,18 +111,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "de
     remove_stale_temps(folder.parent, folder.name)
     # A folder holding other files too (a training checkpoint) gets ours moved in one by one,
     # weights before config: a folder with a config always has matching weights.
-    write_folder_atomically(folder, write, replaceable=_ADAPTER_FILES, merge_order=(WEIGHTS_FILE, CONFIG_FILE))
+    write_folder_atomically(folder, write, replaceable=_ADAPTER_FILES,
+                            merge_order=(WEIGHTS_FILE, CONFIG_FILE))
     return folder
 
 
-def _converted(model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> LoraConfig:
+def _converted(model: nn.Module, name: str, config: LoraConfig,
+               tensors: dict[str, torch.Tensor]) -> LoraConfig:
     """Turn `tensors` of PiSSA/OLoRA adapter `name` into the rank-2r plain LoRA for the original base."""
     layers = [layer for layer in lora_layers(model) if name in layer.scaling]
     missing = [layer.path for layer in layers if name not in layer.initial_factors]
     if missing:
         raise ValueError(f"convert_to_lora needs the initial factors A0, B0 of adapter {name!r}, which "
-                         f"{missing[0]} (and {len(missing) - 1} more) does not hold: only an adapter initialised "
-                         f"with init pissa/pissa_niter_N/olora in this process has them (its init: {config.init!r})")
+                         f"{missing[0]} (and {len(missing) - 1} more) does not hold: only an adapter "
+                         "initialised with init pissa/pissa_niter_N/olora in this process has them "
+                         f"(its init: {config.init!r})")
     for layer in layers:
         a, b = (t.detach().to("cpu") for t in layer.factors(name))
         a0, b0 = layer.initial_factors[name]
@@ -186,7 +190,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], name: str | Non
     optional = optional_shapes(model, adapted, copied, config.bias)
     check_keys(expected, optional, header.shapes, source, trained_on)
     tensors = _read_tensors(folder / WEIGHTS_FILE)
-    mismatch = _base_mismatch(source, header.metadata.get(BASE_QUANTIZATION), base_quantization(model, adapted))
+    mismatch = _base_mismatch(source, header.metadata.get(BASE_QUANTIZATION),
+                              base_quantization(model, adapted))
     mismatch = mismatch or _residual_mismatch(source, raw.get("init_lora_weights"), model)
 
     # The file is checked: from here on the model changes. add_adapter still checks the name and
@@ -227,7 +232,8 @@ def read_adapter(folder: Path) -> tuple[LoraConfig, dict, Header]:
         raise ValueError(problems[0])
     problems = rank_problems(config, header.shapes)
     if problems:
-        raise ValueError(f"adapter {folder} contradicts itself: tensor ranks differ from its {CONFIG_FILE}:\n  "
+        raise ValueError(f"adapter {folder} contradicts itself: tensor ranks differ from its "
+                         f"{CONFIG_FILE}:\n  "
                          + "\n  ".join(problems))
     assert isinstance(raw, dict)  # config_from_json refuses anything else
     return config, raw, header
@@ -255,14 +261,15 @@ def _residual_mismatch(source: str, init: object, model: nn.Module) -> str | Non
     """The warning for a PiSSA/OLoRA adapter loaded onto a base that is not its residual base, if any."""
     if not is_svd_init(init) or any(layer.initial_factors for layer in lora_layers(model)):
         return None  # not such an adapter, or this model's base was turned into a residual in this process
-    return (f"adapter {source} was trained with init {init!r} on the residual base W - s B0 A0, not on this model's "
-            "original weights, so it will not behave as in training; save it with "
+    return (f"adapter {source} was trained with init {init!r} on the residual base W - s B0 A0, "
+            "not on this model's original weights, so it will not behave as in training; save it with "
             "save_adapter(..., convert_to_lora=True) for the original base")
 
 
 def _swap_target(model: nn.Module, name: str) -> tuple[set[str], set[str]]:
     if name not in list_adapters(model):
-        raise unknown_adapter_error(model, [name], lead="replace=True swaps the weights of an existing adapter, "
+        raise unknown_adapter_error(model, [name],
+                                    lead="replace=True swaps the weights of an existing adapter, "
                                     "but there is no adapter ")
     if name in merged_adapters(model):
         raise merged_error(name, "before swapping it")

@@ -78,7 +78,8 @@ def adapter_state(model: nn.Module, name: str, bias: str) -> dict[str, torch.Ten
 def adapter_paths(model: nn.Module, name: str) -> tuple[set[str], set[str]]:
     """(paths of the LoRA layers, paths of the modules_to_save copies) holding adapter `name`."""
     adapted = {p for p, m in model_modules(model) if isinstance(m, LoraLayer) and name in m.scaling}
-    copied = {p for p, m in model_modules(model) if isinstance(m, ModulesToSave) and name in m.modules_to_save}
+    copied = {p for p, m in model_modules(model)
+              if isinstance(m, ModulesToSave) and name in m.modules_to_save}
     return adapted, copied
 
 
@@ -125,7 +126,8 @@ def optional_shapes(model: nn.Module, adapted: set[str], copied: set[str],
             shapes[f"{PREFIX}{path}.base_layer.weight"] = tuple(weight.shape)
     if bias == "all":
         for path in copied:
-            shapes[f"{PREFIX}{path}.modules_to_save.bias"] = shapes[f"{PREFIX}{path}.original_module.bias"] = None
+            shapes[f"{PREFIX}{path}.modules_to_save.bias"] = \
+                shapes[f"{PREFIX}{path}.original_module.bias"] = None
     return shapes
 
 
@@ -229,8 +231,8 @@ def config_from_json(data: object, source: str) -> LoraConfig:
     if not isinstance(data, dict):
         raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}")
     if data.get("peft_type") != "LORA":
-        raise ValueError(f"{source} has peft_type {data.get('peft_type')!r}; lorakit loads LoRA adapters only "
-                         '(peft_type "LORA")')
+        raise ValueError(f"{source} has peft_type {data.get('peft_type')!r}; lorakit loads LoRA adapters "
+                         'only (peft_type "LORA")')
     used = [what for key, what in _UNSUPPORTED.items() if data.get(key)]
     if used:
         raise ValueError(f"{source} uses {', '.join(used)}, which lorakit does not implement; "
@@ -256,7 +258,8 @@ def config_from_json(data: object, source: str) -> LoraConfig:
             layers=[layers] if isinstance(layers, int) else layers,
             rank_pattern=data.get("rank_pattern") or {}, alpha_pattern=data.get("alpha_pattern") or {},
             bias=data.get("bias", "none"), use_rslora=bool(data.get("use_rslora", False)),
-            modules_to_save=data.get("modules_to_save"), init="zeros", use_dora=bool(data.get("use_dora", False)),
+            modules_to_save=data.get("modules_to_save"), init="zeros",
+            use_dora=bool(data.get("use_dora", False)),
         )
     except (ValueError, TypeError) as err:
         raise ValueError(f"{source} has invalid settings: {err}") from None
@@ -280,7 +283,8 @@ def task_type(model: nn.Module) -> str | None:
 
 
 def base_model_name(model: nn.Module) -> str | None:
-    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    name = (getattr(model, "name_or_path", None)
+            or getattr(getattr(model, "config", None), "_name_or_path", None))
     return str(name) if name else None
 
 
@@ -292,7 +296,8 @@ def _target_modules(model: nn.Module, config: LoraConfig, paths: set[str]) -> tu
     names that select the same layers; PEFT also refuses a regex with layers_to_transform.
     When names cannot select exactly these modules, the full paths are written.
     """
-    exclude = config.exclude if config.exclude is None or isinstance(config.exclude, str) else list(config.exclude)
+    exclude = (config.exclude if config.exclude is None or isinstance(config.exclude, str)
+               else list(config.exclude))
     layers = None if config.layers is None else list(config.layers)
     if isinstance(config.targets, tuple) or (config.targets != ALL_LINEAR and layers is None):
         return config.targets if isinstance(config.targets, str) else list(config.targets), exclude, layers
@@ -321,9 +326,11 @@ def check_keys(expected: Mapping[str, tuple[int, ...]], optional: Mapping[str, t
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected) - set(optional))
     if missing:
-        problems.append(f"{len(missing)} tensor(s) this model needs are missing from the file: {_few(missing)}")
+        problems.append(f"{len(missing)} tensor(s) this model needs are missing from the file: "
+                        f"{_few(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) in the file fit no module of this model: {_few(unexpected)}")
+        problems.append(f"{len(unexpected)} tensor(s) in the file fit no module of this model: "
+                        f"{_few(unexpected)}")
     wrong = [(key, found[key], want) for key, want in {**optional, **expected}.items()
              if key in found and want is not None and tuple(found[key]) != tuple(want)]
     for key, got, want in wrong[:5]:

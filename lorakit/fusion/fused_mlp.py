@@ -36,7 +36,8 @@ class FusedGatedMLP(nn.Module):
 
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = (getattr(mlp, n) for n in (*_PARTS, "act_fn"))
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = (getattr(mlp, n)
+                                                                     for n in (*_PARTS, "act_fn"))
         self.fused_from = type(mlp).__name__
         self.training = mlp.training
 
@@ -56,7 +57,8 @@ class FusedGatedMLP(nn.Module):
         """gate(x), up(x): with one LoRA adapter each on the fused path, same dropout p and a shared
         mask, their A sides run as one GEMM (kernels/shared_input.py); otherwise each module runs."""
         gate, up, autocast = self.gate_proj, self.up_proj, torch.is_autocast_enabled(x.device.type)
-        if isinstance(gate, LoraLinear) and isinstance(up, LoraLinear) and not (_has_hooks(gate) or _has_hooks(up)):
+        if (isinstance(gate, LoraLinear) and isinstance(up, LoraLinear)
+                and not (_has_hooks(gate) or _has_hooks(up))):
             names = paths.fused_adapter(gate, x.dtype, autocast), paths.fused_adapter(up, x.dtype, autocast)
             if names[0] is not None and names[1] is not None:
                 *gate_args, p = paths.fused_arguments(gate, names[0])
@@ -75,7 +77,8 @@ class FusedGatedMLP(nn.Module):
 def is_gated_silu_mlp(module: nn.Module) -> bool:
     """A Llama-style MLP: gate_proj, up_proj, down_proj and a SiLU act_fn, forward = down(act(gate) * up)."""
     act = getattr(module, "act_fn", None)
-    # transformers' own SiLUActivation (F.silu) is matched by name so that importing this needs no transformers
+    # transformers' own SiLUActivation (F.silu) is matched by name so that importing this needs no
+    # transformers
     silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
     return (silu and not isinstance(module, FusedGatedMLP)
             and all(isinstance(getattr(module, name, None), nn.Module) for name in _PARTS))
@@ -96,8 +99,9 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     hooked = [path or "the model" for path, m in found if _has_hooks(m, global_hooks=False)]
     if hooked:
         raise ValueError(f"fuse_gated_mlps replaces each gated MLP with a FusedGatedMLP, but {hooked[0]!r} "
-                         f"(and {len(hooked) - 1} more) has hooks registered on the MLP itself, which would be "
-                         "lost; fuse before registering them, or register them on gate_proj, up_proj or down_proj")
+                         f"(and {len(hooked) - 1} more) has hooks registered on the MLP itself, which would "
+                         "be lost; fuse before registering them, or register them on gate_proj, up_proj or "
+                         "down_proj")
     if any(path == "" for path, _ in found):
         raise ValueError("fuse_gated_mlps fuses the MLPs inside a model; this model is itself one gated MLP, "
                          "which cannot be replaced in place: use FusedGatedMLP(model) instead")

@@ -17,7 +17,8 @@ from lorakit.kernels.rebuild import rebuild_outputs
 def is_norm(module: nn.Module) -> bool:
     """A norm layer: torch's LayerNorm or RMSNorm, or a transformers *RMSNorm / *LayerNorm class
     (Gemma's (1 + w) offset and the like are their own forward, which the rebuild calls as is)."""
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+    return (isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+            or type(module).__name__.endswith(("RMSNorm", "LayerNorm")))
 
 
 def rebuild_sibling_norms(model: nn.Module, path: str) -> None:

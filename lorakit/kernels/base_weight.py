@@ -24,7 +24,8 @@ def dense(weight: BaseWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def keep(ctx: Any, weight: BaseWeight) -> torch.Tensor | None:
-    """What forward passes to save_for_backward for W: the tensor, or None with the dequantizer kept on ctx."""
+    """What forward passes to save_for_backward for W: the tensor, or None with the dequantizer kept
+    on ctx."""
     ctx.dequantize = None if isinstance(weight, torch.Tensor) else weight
     return weight if isinstance(weight, torch.Tensor) else None
 

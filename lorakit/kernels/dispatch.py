@@ -102,5 +102,6 @@ def stacked_factors(layer: LoraLayer) -> StackedFactors:
     stacks = layer._row_stacks
     if stacks is None or not stacks.is_current(layer.scaling):
         layer._row_stacks = None  # free the old copy before making the new one
-        stacks = layer._row_stacks = StackedFactors({n: layer.factors(n) for n in layer.scaling}, layer.scaling)
+        stacks = layer._row_stacks = StackedFactors({n: layer.factors(n) for n in layer.scaling},
+                                                    layer.scaling)
     return cast(StackedFactors, stacks)

@@ -13,7 +13,8 @@ the plain formula's:
 
 Used by LoraLinear for the common case: a plain nn.Linear base with frozen weight and bias, one
 active adapter, and W, A and B in one dtype (x too, unless autocast is on), or a 4-bit base whose
-W is dequantized in forward and again in backward (base_weight.py); `LoraLinear.path_for` decides. Under autocast (CPU bf16, CUDA bf16/fp16) the fused functions cast x, W, bias, A and B to
+W is dequantized in forward and again in backward (base_weight.py); `LoraLinear.path_for` decides.
+Under autocast (CPU bf16, CUDA bf16/fp16) the fused functions cast x, W, bias, A and B to
 autocast's dtype, as autocast casts a linear's inputs, and run in that dtype; A's and B's
 gradients flow back to their own dtype through the casts, as with autocast's own linears.
 
@@ -40,12 +41,14 @@ from lorakit.kernels.bit_mask import pack_bits, unpack_bits
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None,
-                lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                mask: torch.Tensor | None) -> torch.Tensor:
         # x: (N, in); weight: (out, in) or a 4-bit base's dequantizer (base_weight.py); lora_a: (r, in);
         # lora_b: (out, r); mask: (N, in) 0/1 uint8 or None.
         # `scale` includes dropout's 1 / (1 - p), so the mask itself stays 0/1.
         y, xa = lora_forward(x, dense(weight, x.dtype), bias, lora_a, lora_b, scale, mask)
-        ctx.save_for_backward(x, keep(ctx, weight), lora_a, lora_b, xa, None if mask is None else packed_mask(mask))
+        ctx.save_for_backward(x, keep(ctx, weight), lora_a, lora_b, xa,
+                              None if mask is None else packed_mask(mask))
         ctx.scale = scale
         return y
 
@@ -54,13 +57,14 @@ class LoraLinearFunction(torch.autograd.Function):
         x, weight, lora_a, lora_b, xa, bits = ctx.saved_tensors
         mask = None if bits is None else unpack_bits(bits, x.shape, x.dtype)
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        grad_x, grad_a, grad_b = lora_backward(grad, x, kept(ctx, weight, grad.dtype) if need_x else None, lora_a,
-                                               lora_b, xa, mask, ctx.scale, need_x, need_a, need_b)
+        grad_x, grad_a, grad_b = lora_backward(grad, x, kept(ctx, weight, grad.dtype) if need_x else None,
+                                               lora_a, lora_b, xa, mask, ctx.scale, need_x, need_a, need_b)
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
 def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                 lora_b: torch.Tensor, scale: float, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 lora_b: torch.Tensor, scale: float,
+                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, x m A^T): the layer's output and the rank-r activation backward needs."""
     xa = _masked(x, mask) @ lora_a.T  # (N, r)
     y = F.linear(x, weight, bias)
@@ -69,8 +73,8 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def lora_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, lora_a: torch.Tensor,
-                  lora_b: torch.Tensor, xa: torch.Tensor, mask: torch.Tensor | None, scale: float, need_x: bool,
-                  need_a: bool, need_b: bool, x_is_scratch: bool = False,
+                  lora_b: torch.Tensor, xa: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                  need_x: bool, need_a: bool, need_b: bool, x_is_scratch: bool = False,
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dA, dB) from dy, each None when not needed; without `weight`, dx is the adapter's part only.
 
@@ -163,7 +167,8 @@ def cast_all(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[Any]:
 
 
 def lora_update(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scale: float, dropout: float, share_mask: bool = True, reader: Hashable | None = None) -> torch.Tensor:
+                scale: float, dropout: float, share_mask: bool = True,
+                reader: Hashable | None = None) -> torch.Tensor:
     """base_out + s * B A dropout(x) for x (..., in), base_out (..., out), through LoraUpdateFunction."""
     flat, mask = _flat_with_mask(x, dropout, share_mask, reader)
     out = LoraUpdateFunction.apply(base_out.reshape(-1, base_out.shape[-1]), flat, lora_a, lora_b,

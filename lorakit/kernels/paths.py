@@ -51,7 +51,8 @@ def fused_adapter(layer: LoraLinear, dtype: torch.dtype, autocast: bool) -> str 
         return None
     a, b = layer.factors(live[0])
     base: Any = layer.base
-    if layer.kind == "quantized":  # NF4Linear: x, its compute dtype, its bias, A and B in one dtype, no autocast
+    if layer.kind == "quantized":
+        # NF4Linear: x, its compute dtype, its bias, A and B in one dtype, no autocast
         bias = getattr(base, "bias", None)
         plain_bias = bias is None or (not bias.requires_grad and bias.dtype == dtype)
         same = dtype == getattr(base, "compute_dtype", None) == a.dtype == b.dtype

@@ -20,7 +20,8 @@ from lorakit.core.rows import RowAdapters
 MOVE_COST = 10
 
 
-def gather_rows(x: torch.Tensor, result: torch.Tensor, factors: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+def gather_rows(x: torch.Tensor, result: torch.Tensor,
+                factors: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
                 scales: Sequence[float], in_place: bool) -> torch.Tensor:
     """result + s_i B_i A_i x_i for every row i, in two batched matmuls whatever the number of adapters.
 
@@ -46,7 +47,8 @@ def gather_rows(x: torch.Tensor, result: torch.Tensor, factors: Sequence[tuple[t
     zero_a = a0.new_zeros(rank, x.shape[-1]) if len(present) < len(factors) else a0
     zero_b = a0.new_zeros(result.shape[-1], rank) if len(present) < len(factors) else a0
     a_rows = torch.stack([_padded(f[0], rank, 0) if f is not None else zero_a for f in factors])  # (N, r, in)
-    b_rows = torch.stack([_padded(f[1], rank, 1) if f is not None else zero_b for f in factors])  # (N, out, r)
+    b_rows = torch.stack([_padded(f[1], rank, 1) if f is not None else zero_b
+                          for f in factors])  # (N, out, r)
     live = [s for s, f in zip(scales, factors, strict=True) if f is not None]
     row_scales: float | torch.Tensor = live[0]
     if any(s != live[0] for s in live):  # mixed scales: one multiply on the small (N, L, r) side
@@ -92,7 +94,8 @@ class StackedFactors:
       (`add_batched`): no wasted work, but a copy of each row's factors.
     """
 
-    def __init__(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: dict[str, float]) -> None:
+    def __init__(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 scaling: dict[str, float]) -> None:
         pairs = list(factors.values())
         self._sources = [t for pair in pairs for t in pair]
         self._versions = [t._version for t in self._sources]
@@ -110,19 +113,22 @@ class StackedFactors:
         return (tuple(scaling.items()) == self._scaling and first.dtype == self.a.dtype
                 and first.device == self.a.device and [t._version for t in self._sources] == self._versions)
 
-    def add_rows(self, x: torch.Tensor, result: torch.Tensor, plan: RowAdapters, in_place: bool) -> torch.Tensor:
+    def add_rows(self, x: torch.Tensor, result: torch.Tensor, plan: RowAdapters,
+                 in_place: bool) -> torch.Tensor:
         """result + s_i B_i A_i x_i for every row i of `plan` (rows of adapters not held here add zero)."""
         slots = self._slot_plan(plan)
         batch = x.shape[0]
         tokens = x.numel() // (batch * x.shape[-1])  # per row
         if not _by_slot_pays(len(self._scales), slots.per_slot, batch, tokens):
-            return add_batched(x, result, self.a.index_select(0, slots.rows), self.b_t.index_select(0, slots.rows),
+            return add_batched(x, result, self.a.index_select(0, slots.rows),
+                               self.b_t.index_select(0, slots.rows),
                                slots.row_scales, in_place, b_transposed=True)
         places = x.reshape(batch, tokens, -1).index_select(0, slots.by_slot).to(self.a.dtype)
         places = places.view(len(self._scales), slots.per_slot * tokens, -1)  # (slots, places * tokens, in)
         xa = torch.bmm(places, self.a.transpose(1, 2))  # (slots, places * tokens, r)
         xa = xa.view(-1, tokens, xa.shape[-1]) * slots.slot_scales.view(-1, 1, 1)  # empty places: exact 0
-        update = torch.bmm(xa.view(len(self._scales), -1, xa.shape[-1]), self.b_t)  # (slots, places * tokens, out)
+        update = torch.bmm(xa.view(len(self._scales), -1, xa.shape[-1]),
+                           self.b_t)  # (slots, places * tokens, out)
         update = update.view(-1, tokens, update.shape[-1]).to(result.dtype)
         out = result.reshape(batch, tokens, -1)  # a view of the contiguous base output
         if in_place and out.data_ptr() == result.data_ptr():
@@ -139,14 +145,16 @@ class StackedFactors:
         return plan.shared[key]
 
 
-def _place_rows(slots: list[int | None], scales: list[float], dtype: torch.dtype, device: torch.device) -> SlotPlan:
+def _place_rows(slots: list[int | None], scales: list[float], dtype: torch.dtype,
+                device: torch.device) -> SlotPlan:
     per_slot_rows: list[list[int]] = [[] for _ in scales]
     for row, slot in enumerate(slots):
         if slot is not None:
             per_slot_rows[slot].append(row)
     per_slot = max(1, *(len(rows) for rows in per_slot_rows))
     by_slot = [rows[j] if j < len(rows) else 0 for rows in per_slot_rows for j in range(per_slot)]
-    slot_scales = [scales[k] if j < len(rows) else 0.0 for k, rows in enumerate(per_slot_rows) for j in range(per_slot)]
+    slot_scales = [scales[k] if j < len(rows) else 0.0
+                   for k, rows in enumerate(per_slot_rows) for j in range(per_slot)]
     return SlotPlan(rows=torch.tensor([0 if s is None else s for s in slots], device=device),
                     row_scales=torch.tensor([0.0 if s is None else scales[s] for s in slots], dtype=dtype,
                                             device=device),
@@ -189,7 +197,8 @@ def add_batched(x: torch.Tensor, result: torch.Tensor, a_rows: torch.Tensor, b_r
 
 
 def _padded(factor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
-    """A factor with zeros appended along its rank dimension `dim` up to `rank` (itself when already there)."""
+    """A factor with zeros appended along its rank dimension `dim` up to `rank` (itself when already
+    there)."""
     missing = rank - factor.shape[dim]
     if missing == 0:
         return factor

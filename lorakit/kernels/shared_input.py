@@ -53,14 +53,15 @@ A (r, in), B (out, r)."""
 
 class SharedASideFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor | None, source: tuple[nn.Module, torch.Tensor] | None,
-                *factors_a: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor | None,
+                source: tuple[nn.Module, torch.Tensor] | None, *factors_a: torch.Tensor) -> torch.Tensor:
         # x: (N, in); mask: (N, in) 0/1 uint8 or None; factors_a: A_i (r_i, in) -> xa: (N, sum r_i)
         # source: (norm, its input) when x is a view of norm(input) (kernels/rebuild.py): that input is
         # kept instead of x, and backward rebuilds x from it
         a_all = torch.cat(factors_a)  # (sum r_i, in), small
         xa = _masked(x, mask) @ a_all.T
-        ctx.save_for_backward(x if source is None else source[1], None if mask is None else packed_mask(mask), a_all)
+        ctx.save_for_backward(x if source is None else source[1], None if mask is None else packed_mask(mask),
+                              a_all)
         ctx.norm = None if source is None else source[0]
         ctx.ranks = [a.shape[0] for a in factors_a]
         return xa
@@ -129,7 +130,8 @@ def lora_linears_one_input(x: torch.Tensor, members: Sequence[FusedArguments], d
     dtype = autocast_dtype(x)
     if dtype is not None:  # autocast's linears: every input in its dtype
         flat = flat.to(dtype)
-        tensors = [(weight, bias, a, b, s) for weight, bias, a, b, s in members if isinstance(weight, torch.Tensor)]
+        tensors = [(weight, bias, a, b, s) for weight, bias, a, b, s in members
+                   if isinstance(weight, torch.Tensor)]
         if len(tensors) != len(members):
             raise ValueError("a 4-bit base runs the grouped A sides with autocast off only")
         members = [(*cast_all(dtype, weight, bias, a, b), s) for weight, bias, a, b, s in tensors]

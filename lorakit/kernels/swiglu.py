@@ -53,7 +53,8 @@ class SwiGLULoraFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight: BaseWeight, bias: torch.Tensor | None,
-                lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                mask: torch.Tensor | None) -> torch.Tensor:
         # gate, up: (N, i); weight: (out, i) or a 4-bit base's dequantizer (base_weight.py);
         # mask: (N, i) 0/1 uint8 or None; scale includes 1 / (1 - p)
         h = F.silu(gate).mul_(up)
@@ -73,13 +74,15 @@ class SwiGLULoraFunction(torch.autograd.Function):
         silu = F.silu(gate)
         # h = silu * up, rebuilt: lora_backward masks it in place for dA, then writes dh into it
         need_h = need_gate or need_up
-        grad_h, grad_a, grad_b = lora_backward(grad, silu * up, kept(ctx, weight, grad.dtype) if need_h else None,
+        grad_h, grad_a, grad_b = lora_backward(grad, silu * up,
+                                               kept(ctx, weight, grad.dtype) if need_h else None,
                                                lora_a, lora_b, xa, mask, ctx.scale, need_h, need_a, need_b,
                                                x_is_scratch=True)
         grad_gate = grad_up = None
         if grad_h is not None:
             grad_up = silu.mul_(grad_h) if need_up else None  # silu is not needed after this
-            if need_gate:  # silu'(g) * dh * up, written over dh (an elementwise kernel reads each entry first)
+            if need_gate:
+                # silu'(g) * dh * up, written over dh (an elementwise kernel reads each entry first)
                 grad_h.mul_(up)
                 grad_gate = torch.ops.aten.silu_backward.grad_input(grad_h, gate, grad_input=grad_h)
         return grad_gate, grad_up, None, None, grad_a, grad_b, None, None
@@ -102,12 +105,14 @@ def swiglu_lora(gate: torch.Tensor, up: torch.Tensor, weight: BaseWeight, bias: 
     mask = draw_keep_mask(flat_gate, p) if p > 0 else None
     dtype = autocast_dtype(gate)
     if dtype is None:
-        y = SwiGLULoraFunction.apply(flat_gate, flat_up, weight, bias, lora_a, lora_b, scale / (1.0 - p), mask)
+        y = SwiGLULoraFunction.apply(flat_gate, flat_up, weight, bias, lora_a, lora_b, scale / (1.0 - p),
+                                     mask)
     else:  # as autocast runs down(silu(gate) * up): the product in gate's dtype, down's linear in autocast's
         if not isinstance(weight, torch.Tensor):
             raise ValueError("a 4-bit down_proj runs the fused SwiGLU with autocast off only")
         flat_gate, flat_up, weight, bias, lora_a, lora_b = cast_all(dtype, flat_gate, flat_up, weight, bias,
                                                                     lora_a, lora_b)
         with torch.autocast(gate.device.type, enabled=False):
-            y = SwiGLULoraFunction.apply(flat_gate, flat_up, weight, bias, lora_a, lora_b, scale / (1.0 - p), mask)
+            y = SwiGLULoraFunction.apply(flat_gate, flat_up, weight, bias, lora_a, lora_b, scale / (1.0 - p),
+                                         mask)
     return y.reshape(*gate.shape[:-1], y.shape[-1])

@@ -98,5 +98,6 @@ def dequantize_absmax(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Te
         fp32 scales, shape (n_blocks,).
     """
     code, _ = _map_and_lut(codes.device)
-    values = _blocks(torch.index_select(code, 0, codes.to(torch.int32)), DOUBLE_QUANT_BLOCK_SIZE) * scale[:, None]
+    values = (_blocks(torch.index_select(code, 0, codes.to(torch.int32)), DOUBLE_QUANT_BLOCK_SIZE)
+              * scale[:, None])
     return values.reshape(-1)[: codes.numel()] + offset

@@ -210,7 +210,8 @@ class NF4Linear(nn.Module):
         # nn.Module.to(dtype) and .half() cast every floating tensor, which would silently round
         # the fp32 scales (and break the bit-exact format); so the quantized tensors only follow
         # the device: we learn it by applying fn to an empty probe tensor.
-        saved = {name: (self._buffers if name == _OFFSET else self._parameters).pop(name) for name in _QUANT_TENSORS}
+        saved = {name: (self._buffers if name == _OFFSET else self._parameters).pop(name)
+                 for name in _QUANT_TENSORS}
         try:
             super()._apply(fn, recurse)
         finally:
@@ -229,7 +230,8 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         double_quant = self._parameters["weight_absmax_scale"] is not None
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, "
             f"block_size={self.block_size}, double_quant={double_quant}, compute_dtype={self.compute_dtype}"
         )
 

@@ -83,7 +83,8 @@ class NF4Tensor:
         problems = []
         if self.codes.dtype != torch.uint8 or self.codes.shape != ((numel + 1) // 2,):
             problems.append(
-                f"codes must be uint8 of shape ({(numel + 1) // 2},), got {self.codes.dtype} {tuple(self.codes.shape)}"
+                f"codes must be uint8 of shape ({(numel + 1) // 2},), got {self.codes.dtype} "
+                f"{tuple(self.codes.shape)}"
             )
         n_blocks = -(-numel // self.block_size)
         absmax_dtype = torch.uint8 if self.double_quant else torch.float32
@@ -274,7 +275,8 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     dtype = q.dtype if dtype is None else dtype
     _check_dtype(dtype, "dequantization dtype")
     _, pairs = _tables(q.device)
-    values = torch.index_select(pairs, 0, q.codes.to(torch.int32)).view(torch.float32)  # (2 * ceil(numel / 2),)
+    # (2 * ceil(numel / 2),)
+    values = torch.index_select(pairs, 0, q.codes.to(torch.int32)).view(torch.float32)
     blocks = _pad_to_blocks(values, q.block_size)  # (n_blocks, block_size) fp32, a new tensor: ours to reuse
     scales = q.absmax_fp32()[:, None]  # (n_blocks, 1)
     if dtype == torch.float32:

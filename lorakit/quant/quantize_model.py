@@ -60,7 +60,8 @@ def quantize_model(
     with_lora = [name for name, m in model.named_modules() if hasattr(m, "lora_A")]  # lorakit's or PEFT's
     if with_lora:
         raise ValueError(
-            f"model already has LoRA layers ({_examples(with_lora)}); quantize the base model first, then add adapters"
+            f"model already has LoRA layers ({_examples(with_lora)}); quantize the base model first, "
+            "then add adapters"
         )
 
     targets = quantizable_linears(model, skip)
@@ -113,5 +114,6 @@ def _own_remaining_parameters(model: nn.Module) -> None:
                 if param is None or param.device.type != "cpu":
                     continue
                 if id(param) not in copies:
-                    copies[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                    copies[id(param)] = nn.Parameter(param.detach().clone(),
+                                                     requires_grad=param.requires_grad)
                 module._parameters[name] = copies[id(param)]
