@@ -1,4 +1,5 @@
-"""`python -m lorakit ...`: the `lorakit` command, also as torchrun starts it (`torchrun ... -m lorakit train`)."""
+"""`python -m lorakit ...`: the `lorakit` command, also as torchrun starts it
+(`torchrun ... -m lorakit train`)."""
 
 import sys
 

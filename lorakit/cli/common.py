@@ -85,7 +85,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapters: str = "many")
 
 
 def load_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
-    """The base model (4-bit with --quantize) and tokenizer, with every --adapter loaded and active together."""
+    """The base model (4-bit with --quantize) and tokenizer, with every --adapter loaded and active
+    together."""
     from lorakit.core.adapters import set_adapter
     from lorakit.formats.io import load_adapter
     from lorakit.hf import load_model
@@ -110,6 +111,7 @@ def _refuse_repeats(paths: list[str]) -> None:
     for path in paths:
         key = os.path.realpath(find_adapter_folder(path))  # a run folder and its adapter/ are one adapter
         if key in seen:
-            raise ValueError(f"--adapter {path} is given twice (as {seen[key]!r} and {path!r}); stacked adapters "
-                             "add their deltas, so it would count double. Give each adapter once")
+            raise ValueError(f"--adapter {path} is given twice (as {seen[key]!r} and {path!r}); "
+                             "stacked adapters add their deltas, so it would count double. Give each "
+                             "adapter once")
         seen[key] = path

@@ -11,7 +11,8 @@ EXAMPLES = """examples:
   lorakit estimate --model gpt3-175b --r 8 --targets q_proj,v_proj
   lorakit estimate --model llama-3.1-70b --r 16 --quant nf4 --batch 1 --seq 4096 --gradient-checkpointing
   lorakit estimate --model path/to/config.json
-  lorakit estimate --model llama-3.1-70b --quant nf4 --r 16 --targets q_proj,v_proj --nproc 2 --distributed fsdp \
+  lorakit estimate --model llama-3.1-70b --quant nf4 --r 16 --targets q_proj,v_proj --nproc 2 \
+--distributed fsdp \
       --gradient-checkpointing
 
 Shipped configs: llama-3.1-8b, llama-3.1-70b, mistral-7b, qwen2.5-7b, gpt2, smollm2-135m, gpt3-175b
@@ -29,11 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="rows per step")
     parser.add_argument("--seq", type=int, default=512, help="tokens per row")
     parser.add_argument("--dtype", default="bf16", help="weight dtype: bf16 or fp32")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="count checkpointed activations")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="count checkpointed activations")
     parser.add_argument("--nproc", type=int, default=1, help="ranks training together: memory per device "
                         "(--batch is per rank)")
     parser.add_argument("--distributed", default=None, choices=["ddp", "fsdp"],
-                        help="with --nproc N: ddp (the default; every device holds everything) or fsdp (FSDP2 shards)")
+                        help="with --nproc N: ddp (the default; every device holds everything) or fsdp "
+                             "(FSDP2 shards)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,14 +21,16 @@ architectures other than llama, mistral, qwen2, gemma, phi3, gpt2, and a base wh
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="adapter folder (PEFT layout) or a training run's folder")
-    parser.add_argument("--format", default="gguf", help="output format; gguf (llama.cpp's LoRA adapter file) "
-                                                         "is the one there is")
+    parser.add_argument("--format", default="gguf",
+                        help="output format; gguf (llama.cpp's LoRA adapter file) is the one there is")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.gguf",
                         help="file to write (replaced atomically when it exists)")
-    parser.add_argument("--base", default="default", help="the base model the adapter was trained on: default, "
-                                                          "a .gguf file or a transformers folder")
-    parser.add_argument("--outtype", default="f16", help="tensor type: f32, f16, bf16 or q8_0 (a B whose rank is "
-                                                         "not a multiple of 32 stays f16 under q8_0)")
+    parser.add_argument("--base", default="default",
+                        help="the base model the adapter was trained on: default, a .gguf file or a "
+                             "transformers folder")
+    parser.add_argument("--outtype", default="f16",
+                        help="tensor type: f32, f16, bf16 or q8_0 (a B whose rank is not a multiple of 32 "
+                             "stays f16 under q8_0)")
 
 
 def run(args: argparse.Namespace) -> int:

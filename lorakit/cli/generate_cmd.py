@@ -10,7 +10,8 @@ from lorakit.cli.common import add_model_arguments, load_with_adapters, number_a
 
 EXAMPLES = """examples:
   lorakit generate --prompt "Write a haiku about autumn"
-  lorakit generate --adapter runs/demo/adapter --raw --prompt $'Write the date in ISO format (YYYY-MM-DD).\\nDate: 7 March 1994\\nISO:'
+  lorakit generate --adapter runs/demo/adapter --raw --prompt \
+$'Write the date in ISO format (YYYY-MM-DD).\\nDate: 7 March 1994\\nISO:'
   lorakit generate --adapter runs/a/adapter --adapter runs/b/adapter      # chat, both adapters active
 """
 
@@ -18,8 +19,10 @@ EXAMPLES = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--prompt", help="the prompt; without it, chat line by line on standard input")
-    parser.add_argument("--raw", action="store_true", help="continue the prompt text as is (no chat template)")
-    parser.add_argument("--max-new-tokens", type=number_at_least(1), default=128, help="tokens to generate at most")
+    parser.add_argument("--raw", action="store_true",
+                        help="continue the prompt text as is (no chat template)")
+    parser.add_argument("--max-new-tokens", type=number_at_least(1), default=128,
+                        help="tokens to generate at most")
     parser.add_argument("--temperature", type=number_at_least(0, float), default=0.0,
                         help="sampling temperature; 0 means greedy decoding")
 

@@ -15,7 +15,8 @@ COMMANDS = {
     "generate": "generate text with a base model and adapters, streamed to the terminal",
     "merge": "merge an adapter into its base model and save a transformers folder (or a GGUF file)",
     "eval": "loss and exact match of a model (+ adapter) on a JSONL file",
-    "estimate": "trainable parameters and memory of full fine-tuning, LoRA and QLoRA, without loading weights",
+    "estimate": ("trainable parameters and memory of full fine-tuning, LoRA and QLoRA, "
+                 "without loading weights"),
     "inspect": "describe an adapter folder at a glance",
     "serve": "serve a base model and many adapters over an OpenAI-compatible HTTP API",
     "export": "write an adapter as a llama.cpp / Ollama LoRA GGUF file",

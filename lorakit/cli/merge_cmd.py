@@ -1,4 +1,5 @@
-"""`lorakit merge`: base + adapter -> a plain transformers folder, or a GGUF file, with the adapter folded in."""
+"""`lorakit merge`: base + adapter -> a plain transformers folder, or a GGUF file, with the adapter
+folded in."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from lorakit.cli.common import add_model_arguments, load_with_adapters
 
 EXAMPLES = """examples:
   lorakit merge --adapter runs/demo/adapter --output merged/
-  lorakit merge --adapter runs/qlora/adapter --quantize nf4 --output merged/   # a QLoRA adapter, on its 4-bit base
+  lorakit merge --adapter runs/qlora/adapter --quantize nf4 --output merged/   # a QLoRA adapter, \
+on its 4-bit base
   python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('merged/')"
   lorakit merge --adapter runs/demo/adapter --output merged.gguf --outtype q8_0   # GGUF base in, GGUF out
 """
@@ -19,10 +21,12 @@ CHECK_TEXT = "The quick brown fox jumps over the lazy dog. LoRA merges cost no l
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, adapters="one")
-    parser.add_argument("--output", required=True, help="folder for the merged model (must not exist), or a .gguf "
-                                                        "file when --model is a GGUF file (the default model is one)")
-    parser.add_argument("--outtype", default=None, help="for a .gguf --output: f32, f16 or q8_0, the type every "
-                                                        "matrix is written in (default: f16)")
+    parser.add_argument("--output", required=True,
+                        help="folder for the merged model (must not exist), or a .gguf file when --model is "
+                             "a GGUF file (the default model is one)")
+    parser.add_argument("--outtype", default=None,
+                        help="for a .gguf --output: f32, f16 or q8_0, the type every matrix is written in "
+                             "(default: f16)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if output.suffix.lower() == ".gguf":
         return _merge_gguf(args, output)
     if args.outtype is not None:
-        raise ValueError(f"--outtype applies to a .gguf --output only; {output} is written as a transformers folder")
+        raise ValueError(f"--outtype applies to a .gguf --output only; {output} is written as a "
+                         "transformers folder")
     if output.exists():
         raise ValueError(f"--output {output} already exists; choose a new folder")
     model, tokenizer, _ = load_with_adapters(args)
@@ -58,16 +63,17 @@ def _merge_gguf(args: argparse.Namespace, output: Path) -> int:
 
     model = str(args.model)
     if model != "default" and not model.lower().endswith(".gguf"):
-        raise ValueError(f"--output {output} is a GGUF file, which lorakit merges from a GGUF base only, and --model "
-                         f"{model} is not one. Instead: export the adapter (lorakit export ADAPTER --format gguf -o "
-                         "adapter.gguf --base MODEL) and run it with llama.cpp's --lora on a GGUF of MODEL, or merge "
-                         "to a folder (--output merged/) and convert that with llama.cpp's convert_hf_to_gguf.py")
+        raise ValueError(f"--output {output} is a GGUF file, which lorakit merges from a GGUF base only, "
+                         f"and --model {model} is not one. Instead: export the adapter (lorakit export "
+                         "ADAPTER --format gguf -o adapter.gguf --base MODEL) and run it with llama.cpp's "
+                         "--lora on a GGUF of MODEL, or merge to a folder (--output merged/) and convert "
+                         "that with llama.cpp's convert_hf_to_gguf.py")
     if args.quantize:
-        raise ValueError("--quantize does not apply to a .gguf --output: the update is added to the GGUF file's own "
-                         "weights (as on the unquantized base); leave --quantize out")
+        raise ValueError("--quantize does not apply to a .gguf --output: the update is added to the GGUF "
+                         "file's own weights (as on the unquantized base); leave --quantize out")
     report = merge_to_gguf(model, args.adapter, output, outtype=args.outtype or "f16")
     types = ", ".join(f"{count} {name}" for name, count in sorted(report.types.items()))
-    print(f"merged model saved to {report.path} ({report.size / 1e6:.1f} MB): {report.merged} weights updated; "
-          f"tensors: {types}")
+    print(f"merged model saved to {report.path} ({report.size / 1e6:.1f} MB): "
+          f"{report.merged} weights updated; tensors: {types}")
     print(f"run it with: llama-cli -m {report.path}")
     return 0

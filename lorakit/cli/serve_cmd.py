@@ -23,10 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="serve the adapter folder PATH under NAME (the request's model field); repeat")
     parser.add_argument("--adapter-dir", default=None, metavar="DIR",
-                        help="allow /v1/load_lora_adapter to load adapters from inside DIR (and nowhere else)")
+                        help="allow /v1/load_lora_adapter to load adapters from inside DIR "
+                             "(and nowhere else)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server")
     parser.add_argument("--port", type=_port, default=8000, help="port to listen on (0: any free port)")
-    parser.add_argument("--max-batch", type=number_at_least(1), default=16, help="most requests in one decode step")
+    parser.add_argument("--max-batch", type=number_at_least(1), default=16,
+                        help="most requests in one decode step")
     parser.add_argument("--max-queue", type=number_at_least(0), default=256,
                         help="most requests waiting to join the batch; more are refused with 429")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -44,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     adapters = parse_adapters(args.adapter)
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         state = "is a file" if Path(args.adapter_dir).exists() else "does not exist"
-        raise ValueError(f"--adapter-dir {args.adapter_dir} {state}; give the folder that holds the adapter folders "
-                         "requests may load")
+        raise ValueError(f"--adapter-dir {args.adapter_dir} {state}; give the folder that holds the adapter "
+                         "folders requests may load")
     check_address(args.host, args.port)  # before the model loads, not after
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     engine = Engine(model, tokenizer, args.model, adapters, args.adapter_dir, args.max_batch, args.max_queue)
@@ -61,8 +63,8 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--adapter {value!r} must be NAME=PATH (e.g. sql=runs/sql/adapter); the name is "
-                             "what requests put in their model field")
+            raise ValueError(f"--adapter {value!r} must be NAME=PATH (e.g. sql=runs/sql/adapter); "
+                             "the name is what requests put in their model field")
         if name in adapters:
             raise ValueError(f"--adapter name {name!r} is given twice ({adapters[name]} and {path}); "
                              "give each adapter its own name")
@@ -81,8 +83,8 @@ def check_address(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as err:  # socket.gaierror too
-        raise ValueError(f"cannot listen on --host {host} --port {port}: {err.strerror or err}; choose another "
-                         "--port (0: any free port) or --host") from None
+        raise ValueError(f"cannot listen on --host {host} --port {port}: {err.strerror or err}; "
+                         "choose another --port (0: any free port) or --host") from None
 
 
 def _port(text: str) -> int:

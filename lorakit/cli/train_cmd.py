@@ -25,7 +25,8 @@ EXAMPLES = """examples:
 YAML keys are the TrainConfig fields: data, model, output_dir, val_data, val_fraction, format,
 max_length, pack, r, alpha, dropout, targets, learning_rate, epochs, max_steps, batch_size,
 grad_accum, global_batch_size, warmup_steps, save_every, eval_every, seed, quantize, optimizer, ...
-and a distributed: section (strategy: ddp|fsdp, nproc, backend: auto|gloo|nccl, timeout_s); docs/distributed.md.
+and a distributed: section (strategy: ddp|fsdp, nproc, backend: auto|gloo|nccl, timeout_s); \
+docs/distributed.md.
 """
 
 # (flag, key of the YAML distributed: section, type, help); help None: DistributedConfig's field docstring.
@@ -137,7 +138,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise ValueError(f"--config {path}: {'is a folder; give a YAML file' if path.is_dir() else 'no such file'}")
+        raise ValueError(f"--config {path}: "
+                         f"{'is a folder; give a YAML file' if path.is_dir() else 'no such file'}")
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except UnicodeDecodeError:
@@ -194,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if rank != 0:
         return 0
-    print(f"\ntrained {result.steps} steps in {result.seconds:.0f} s; final train loss {result.train_loss:.4f}"
+    print(f"\ntrained {result.steps} steps in {result.seconds:.0f} s; "
+          f"final train loss {result.train_loss:.4f}"
           + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
           + (f", exact match {result.exact_match.score:.1%}" if result.exact_match else ""))
     print(f"adapter: {result.adapter_dir}\nmetrics: {result.metrics_path}\nloss curve: {result.plot_path}")

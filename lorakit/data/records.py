@@ -154,7 +154,8 @@ def parse_record(value: Any, fmt: Format, origin: str = "") -> Record:
     if missing:
         found = ", ".join(repr(k) for k in value) or "none"
         raise RecordError(
-            f"expected a record of the {fmt} format, with keys {', '.join(repr(k) for k in FORMAT_KEYS[fmt])}; "
+            f"expected a record of the {fmt} format, "
+            f"with keys {', '.join(repr(k) for k in FORMAT_KEYS[fmt])}; "
             f"missing {', '.join(repr(k) for k in missing)} (keys found: {found})"
         )
     if fmt == "chat":
@@ -192,7 +193,8 @@ def _parse_messages(raw: Any) -> tuple[Message, ...]:
             if not isinstance(item[key], str):
                 raise RecordError(f"messages[{i}].{key} must be a string, found {json_kind(item[key])}")
         if item["role"] not in CHAT_ROLES:
-            raise RecordError(f"messages[{i}] has role {item['role']!r}; known roles: {', '.join(CHAT_ROLES)}")
+            raise RecordError(f"messages[{i}] has role {item['role']!r}; "
+                              f"known roles: {', '.join(CHAT_ROLES)}")
         messages.append(Message(role=item["role"], content=item["content"]))
     last = messages[-1]
     if last.role != "assistant":

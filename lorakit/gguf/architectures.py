@@ -73,7 +73,8 @@ def architecture(name: str, source: str) -> Architecture:
 
 
 def gguf_weight_name(arch: Architecture, module_path: str) -> str | None:
-    """`blk.N.<kind>.weight` for a transformers module path, or None when llama.cpp has no LoRA slot for it."""
+    """`blk.N.<kind>.weight` for a transformers module path, or None when llama.cpp has no LoRA slot
+    for it."""
     match = re.fullmatch(arch.layer_pattern, module_path)
     if match is None or match.group(2) not in arch.kinds:
         return None
@@ -102,4 +103,5 @@ def rope_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
     """
     if rows.shape[0] % (2 * n_head):
         raise ValueError(f"cannot split {rows.shape[0]} rows into {n_head} heads of an even size")
-    return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+    return (rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:])
+            .swapaxes(1, 2).reshape(rows.shape))

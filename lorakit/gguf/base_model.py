@@ -30,7 +30,8 @@ class BaseModel:
     gguf_path: Path | None
     """The GGUF file when the base is one, else None."""
     reader: Any = field(default=None, repr=False, compare=False)
-    """The open `gguf.GGUFReader` of that file (parsing a 49k-token vocabulary takes seconds: read it once)."""
+    """The open `gguf.GGUFReader` of that file (parsing a 49k-token vocabulary takes seconds: read it
+    once)."""
 
 
 def describe_base(spec: str | os.PathLike[str]) -> BaseModel:
@@ -55,8 +56,8 @@ def describe_base(spec: str | os.PathLike[str]) -> BaseModel:
         return _from_folder(path)
     if path.suffix.lower() == ".gguf":
         return _from_gguf(path, str(spec))
-    raise ValueError(f"base model {str(spec)!r} is a file but not a .gguf file; give 'default', a .gguf file or "
-                     "a transformers folder")
+    raise ValueError(f"base model {str(spec)!r} is a file but not a .gguf file; give 'default', a .gguf "
+                     "file or a transformers folder")
 
 
 def _from_gguf(path: Path, source: str) -> BaseModel:

@@ -7,9 +7,11 @@ from gguf import GGMLQuantizationType, LlamaFileType, QuantError, quants
 
 OUTTYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16,
             "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
-"""--outtype value -> the GGML type matrices are written in (vectors stay F32, as llama.cpp's converter does)."""
+"""--outtype value -> the GGML type matrices are written in (vectors stay F32, as llama.cpp's converter
+does)."""
 
-FILE_TYPES = {GGMLQuantizationType.F32: LlamaFileType.ALL_F32, GGMLQuantizationType.F16: LlamaFileType.MOSTLY_F16,
+FILE_TYPES = {GGMLQuantizationType.F32: LlamaFileType.ALL_F32,
+              GGMLQuantizationType.F16: LlamaFileType.MOSTLY_F16,
               GGMLQuantizationType.BF16: LlamaFileType.MOSTLY_BF16,
               GGMLQuantizationType.Q8_0: LlamaFileType.MOSTLY_Q8_0}
 """The `general.file_type` a model file written in that type declares."""

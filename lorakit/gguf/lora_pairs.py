@@ -65,21 +65,24 @@ def read_lora_pairs(adapter: str | os.PathLike[str], base: BaseModel, purpose: s
                          "(lorakit merge --output merged/)")
     config, _, header = read_adapter(folder)
     if config.bias != "none":
-        raise ValueError(f"cannot {purpose} adapter {folder}: it trains biases (bias={config.bias!r}), which are "
-                         "full tensors llama.cpp's LoRA loader does not take; only bias 'none' adapters can be written")
+        raise ValueError(f"cannot {purpose} adapter {folder}: it trains biases (bias={config.bias!r}), "
+                         "which are full tensors llama.cpp's LoRA loader does not take; only bias 'none' "
+                         "adapters can be written")
     keys = [key.removeprefix(PREFIX) for key in header.shapes]
     others = sorted(key for key in keys if not key.endswith((_A, _B)))
     if others:
         what = ("embedding adapters (lora_embedding_A/B)" if any("lora_embedding" in k for k in others)
                 else "modules_to_save (full trained copies)")
-        raise ValueError(f"cannot {purpose} adapter {folder}: it holds {what}, e.g. {others[0]}, which llama.cpp's "
-                         f"LoRA loader refuses; only LoRA on {accepted_modules(base.arch)} can be written")
+        raise ValueError(f"cannot {purpose} adapter {folder}: it holds {what}, e.g. {others[0]}, which "
+                         f"llama.cpp's LoRA loader refuses; only LoRA on {accepted_modules(base.arch)} "
+                         "can be written")
     modules = sorted({key.removesuffix(_A) for key in keys if key.endswith(_A)}, key=_layer_order)
     names = {module: gguf_weight_name(base.arch, module) for module in modules}
     unmapped = [module for module, name in names.items() if name is None]
     if unmapped:
-        raise ValueError(f"cannot {purpose} adapter {folder}: llama.cpp has no LoRA slot for {len(unmapped)} of its "
-                         f"modules ({', '.join(unmapped[:3])}{', ...' if len(unmapped) > 3 else ''}); on a "
+        raise ValueError(f"cannot {purpose} adapter {folder}: llama.cpp has no LoRA slot for "
+                         f"{len(unmapped)} of its modules "
+                         f"({', '.join(unmapped[:3])}{', ...' if len(unmapped) > 3 else ''}); on a "
                          f"{base.arch.gguf_name} model it takes LoRA on {accepted_modules(base.arch)} only")
     if not modules:
         raise ValueError(f"cannot {purpose} adapter {folder}: it holds no LoRA pairs")

@@ -87,7 +87,8 @@ def merge_to_gguf(source: str | os.PathLike[str], adapter: str | os.PathLike[str
 
 def _tensor_out(tensor: Any, update: np.ndarray | None, qtype: Any) -> tuple[np.ndarray, Any]:
     """The tensor's data for the output file and its GGML type."""
-    if update is None and (tensor.tensor_type == qtype or len(tensor.shape) == 1 and tensor.tensor_type.name == "F32"):
+    if update is None and (tensor.tensor_type == qtype
+                           or len(tensor.shape) == 1 and tensor.tensor_type.name == "F32"):
         return tensor.data, tensor.tensor_type  # already as wanted: byte for byte
     try:
         values = decode(tensor.data, tensor.tensor_type)

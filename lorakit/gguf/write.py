@@ -21,8 +21,8 @@ def check_output(path: str | os.PathLike[str], *sources: Path | None) -> Path:
     if output.is_dir():
         raise ValueError(f"output {output} is a folder; give a file path such as {output / 'model.gguf'}")
     if output.is_file() and output.suffix.lower() != ".gguf" and not _starts_as_gguf(output):
-        raise ValueError(f"output {output} exists and is not a GGUF file; lorakit replaces only .gguf files, so "
-                         "choose another path such as adapter.gguf")
+        raise ValueError(f"output {output} exists and is not a GGUF file; lorakit replaces only .gguf "
+                         "files, so choose another path such as adapter.gguf")
     for source in sources:
         if source is not None and output.exists() and output.resolve() == source.resolve():
             raise ValueError(f"output {output} is the file being read; give another path")

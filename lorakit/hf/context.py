@@ -38,8 +38,8 @@ def tokens_to_generate(prompt_tokens: int, max_new: int | None, context: int, na
     """
     room = context - prompt_tokens
     if room < 1:
-        raise PromptTooLong(f"the prompt is {prompt_tokens} tokens, longer than the model's context of {context} "
-                            "tokens (with room for one new token); shorten it")
+        raise PromptTooLong(f"the prompt is {prompt_tokens} tokens, longer than the model's context of "
+                            f"{context} tokens (with room for one new token); shorten it")
     if max_new is not None and max_new > room:
         raise ValueError(f"{name}={max_new} does not fit: the prompt is {prompt_tokens} tokens and the "
                          f"model's context is {context} tokens, so at most {room} can be generated")

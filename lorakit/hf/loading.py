@@ -146,10 +146,11 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
         except (OSError, ValueError, KeyError, TypeError) as error:
             if not any((folder / name).is_file() for name in TOKENIZER_FILES):
                 raise ValueError(f"could not load a tokenizer from {folder}: it holds none of "
-                                 f"{', '.join(TOKENIZER_FILES)}; save one there with tokenizer.save_pretrained"
-                                 "(folder)") from error
+                                 f"{', '.join(TOKENIZER_FILES)}; save one there with "
+                                 "tokenizer.save_pretrained(folder)") from error
             # transformers' messages can run over several lines: one line, as every lorakit error.
-            raise ValueError(f"could not load a tokenizer from {folder}: {' '.join(str(error).split())}") from error
+            raise ValueError(f"could not load a tokenizer from {folder}: "
+                             f"{' '.join(str(error).split())}") from error
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, local_files_only=True, use_safetensors=True

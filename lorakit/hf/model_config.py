@@ -50,8 +50,8 @@ def resolve_model_config(name_or_path: str | os.PathLike[str]) -> PretrainedConf
         return _config_from_json(path / "config.json")
     if path.is_file():
         return _config_from_gguf(path) if path.suffix.lower() == ".gguf" else _config_from_json(path)
-    raise ValueError(f"unknown model {spec!r}: not a shipped model ({', '.join(shipped_models())}, or 'default') "
-                     "and not an existing config.json, model folder or .gguf file")
+    raise ValueError(f"unknown model {spec!r}: not a shipped model ({', '.join(shipped_models())}, "
+                     "or 'default') and not an existing config.json, model folder or .gguf file")
 
 
 def meta_model(config: PretrainedConfig) -> nn.Module:

@@ -44,7 +44,8 @@ class AdapterRegistry:
                        "model", kind="not_found_error")
 
     def add(self, name: str, path: str | os.PathLike[str]) -> None:
-        """Load adapter folder `path` as `name` (checked fully first); ValueError/FileNotFoundError otherwise."""
+        """Load adapter folder `path` as `name` (checked fully first); ValueError/FileNotFoundError
+        otherwise."""
         from lorakit.core.per_row import runs_per_row
         from lorakit.formats.adapter_folder import find_adapter_folder
         from lorakit.formats.io import load_adapter, read_adapter
@@ -54,8 +55,8 @@ class AdapterRegistry:
                              "choose another or unload it first")
         config, _, _ = read_adapter(find_adapter_folder(path))  # the files checked before the model changes
         if not runs_per_row(config):  # core's rule: each row would need its own weight norm
-            raise ValueError(f"{path} is a DoRA adapter, which lorakit serve cannot run per row; merge it into "
-                             "the base (lorakit merge) and serve that, or serve it with vLLM")
+            raise ValueError(f"{path} is a DoRA adapter, which lorakit serve cannot run per row; merge it "
+                             "into the base (lorakit merge) and serve that, or serve it with vLLM")
         with self.model_lock:
             load_adapter(self.model, path, name=name)
         with self.lock:
@@ -64,16 +65,17 @@ class AdapterRegistry:
     def load(self, name: str, path: str) -> None:
         """/v1/load_lora_adapter: `path` must lie inside --adapter-dir (symlinks followed); 400 otherwise."""
         if self.adapter_dir is None:
-            raise ApiError(400, "loading adapters at run time is off; start the server with --adapter-dir DIR "
-                                "and put adapters inside it", "lora_path")
+            raise ApiError(400, "loading adapters at run time is off; start the server with --adapter-dir "
+                                "DIR and put adapters inside it", "lora_path")
         folder = (self.adapter_dir / path).resolve()  # an absolute path replaces adapter_dir here
         if not folder.is_relative_to(self.adapter_dir):
-            raise ApiError(400, f"lora_path {path!r} is outside --adapter-dir {self.adapter_dir}; only adapters "
-                                "inside it can be loaded at run time", "lora_path")
+            raise ApiError(400, f"lora_path {path!r} is outside --adapter-dir {self.adapter_dir}; "
+                                "only adapters inside it can be loaded at run time", "lora_path")
         try:
             self.add(name, folder)
         except (ValueError, FileNotFoundError, OSError) as err:
-            raise ApiError(400, f"adapter {name!r} from {path!r} was not loaded: {err}", "lora_path") from None
+            raise ApiError(400, f"adapter {name!r} from {path!r} was not loaded: {err}",
+                           "lora_path") from None
 
     def unload(self, name: str, in_use: Callable[[str], int]) -> None:
         """/v1/unload_lora_adapter: 404 for an unknown name, 400 while requests use it."""
@@ -85,8 +87,8 @@ class AdapterRegistry:
                                     f"{', '.join(self.paths) or 'none'}", "lora_name", kind="not_found_error")
             busy = in_use(name)
             if busy:
-                raise ApiError(400, f"adapter {name!r} is used by {busy} running or waiting requests; unload it "
-                                    "when they are done", "lora_name")
+                raise ApiError(400, f"adapter {name!r} is used by {busy} running or waiting requests; "
+                                    "unload it when they are done", "lora_name")
             del self.paths[name]  # invisible to new requests from here on
         with self.model_lock:
             delete_adapter(self.model, name)

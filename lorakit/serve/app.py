@@ -56,8 +56,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             expected = f"Bearer {api_key}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
                 what = "missing" if not given else "wrong"
-                err = ApiError(401, f"the API key is {what}; send the header 'Authorization: Bearer <key>' with the "
-                                    "key given to --api-key", kind="authentication_error")
+                err = ApiError(401, f"the API key is {what}; send the header 'Authorization: Bearer <key>' "
+                                    "with the key given to --api-key", kind="authentication_error")
                 return JSONResponse(err.body(), status_code=401)
         return await call_next(request)
 
@@ -145,7 +145,8 @@ async def _respond(http: Request, sequence: Sequence, changed: asyncio.Event, re
     return StreamingResponse(_stream(sequence, changed, request_id, created), media_type="text/event-stream")
 
 
-async def _stream(sequence: Sequence, changed: asyncio.Event, request_id: str, created: int) -> AsyncIterator[str]:
+async def _stream(sequence: Sequence, changed: asyncio.Event, request_id: str,
+                  created: int) -> AsyncIterator[str]:
     """Server-sent events: the role (chat), text as it becomes final, the finish reason, usage, [DONE].
 
     When the client goes away, Starlette cancels this generator; the row leaves the batch at the
@@ -165,7 +166,8 @@ async def _stream(sequence: Sequence, changed: asyncio.Event, request_id: str, c
                 yield responses.event(_failure(sequence).body())
                 return
             if done:
-                yield responses.chunk(sequence, request_id, created, None, finish_reason=sequence.finish_reason)
+                yield responses.chunk(sequence, request_id, created, None,
+                                      finish_reason=sequence.finish_reason)
                 if sequence.request.include_usage:
                     yield responses.usage_chunk(sequence, request_id, created)
                 yield responses.DONE
@@ -178,4 +180,5 @@ async def _stream(sequence: Sequence, changed: asyncio.Event, request_id: str, c
 
 def _failure(sequence: Sequence) -> ApiError:
     err = sequence.error
-    return ApiError(500, f"generation failed for this request: {type(err).__name__}: {err}", kind="server_error")
+    return ApiError(500, f"generation failed for this request: {type(err).__name__}: {err}",
+                    kind="server_error")

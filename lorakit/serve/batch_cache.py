@@ -38,7 +38,8 @@ class BatchCache:
         return int(self.mask.shape[1])
 
     def add(self, cache: Any, mask: torch.Tensor, lengths: list[int]) -> None:
-        """Append the rows of a prefilled cache (left-padded as `mask` (rows, columns) says) as the last rows."""
+        """Append the rows of a prefilled cache (left-padded as `mask` (rows, columns) says) as the last
+        rows."""
         check_layers(cache)
         if self.cache is None or self.rows == 0:
             self.cache, self.mask, self.positions = cache, mask, list(lengths)
@@ -47,7 +48,8 @@ class BatchCache:
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
-        self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), F.pad(mask, (width - mask.shape[1], 0))])
+        self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)),
+                               F.pad(mask, (width - mask.shape[1], 0))])
         self.positions += lengths
 
     def keep(self, rows: list[int]) -> None:
@@ -85,8 +87,9 @@ def check_layers(cache: Any) -> None:
     """Refuse caches this batching cannot pad: anything but plain full-attention DynamicLayers."""
     kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [None])})
     if kinds != ["DynamicLayer"]:
-        raise ValueError(f"lorakit serve batches full-attention KV caches only (transformers' DynamicLayer); this "
-                         f"model's cache holds {', '.join(kinds)}. Serve it with vLLM instead (docs/serve.md)")
+        raise ValueError(f"lorakit serve batches full-attention KV caches only (transformers' "
+                         f"DynamicLayer); this model's cache holds {', '.join(kinds)}. Serve it with vLLM "
+                         "instead (docs/serve.md)")
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:

@@ -36,7 +36,8 @@ class Engine:
         max_queue: most requests waiting to join; more get 429.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, base_name: str, adapters: Mapping[str, str] | None = None,
+    def __init__(self, model: nn.Module, tokenizer: Any, base_name: str,
+                 adapters: Mapping[str, str] | None = None,
                  adapter_dir: str | os.PathLike[str] | None = None, max_batch: int = 16,
                  max_queue: int = 256) -> None:
         model.eval()
@@ -53,7 +54,8 @@ class Engine:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
     def start_request(self, request: GenerationRequest, notify: Callable[[], None]) -> Sequence:
-        """A queued Sequence for `request`; ApiError for an unknown model, a too-long prompt or a full queue."""
+        """A queued Sequence for `request`; ApiError for an unknown model, a too-long prompt or a full
+        queue."""
         ids = self.prompt_ids(request)
         try:
             budget = tokens_to_generate(len(ids), request.max_tokens, self.context, "max_tokens")
@@ -68,14 +70,16 @@ class Engine:
         return sequence
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """The prompt's token ids: the chat template applied (chat), or the text with the tokenizer's specials."""
+        """The prompt's token ids: the chat template applied (chat), or the text with the tokenizer's
+        specials."""
         if not request.chat:
             ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
         else:
             if not getattr(self.tokenizer, "chat_template", None):
-                raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions with a prompt",
-                               "messages")
-            text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+                raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions with "
+                                    "a prompt", "messages")
+            text = self.tokenizer.apply_chat_template(request.messages, tokenize=False,
+                                                      add_generation_prompt=True)
             # The template writes any BOS itself; adding special tokens again would double it.
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:

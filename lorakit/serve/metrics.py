@@ -10,14 +10,15 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("lorakit_requests", "Generation requests answered, by model (adapter or base) "
-                                "and HTTP status", ["model", "status"], registry=self.registry)
+        self.requests = Counter("lorakit_requests", "Generation requests answered, by model (adapter or "
+                                "base) and HTTP status", ["model", "status"], registry=self.registry)
         self.tokens = Counter("lorakit_generated_tokens", "Tokens generated, by model (adapter or base)",
                               ["model"], registry=self.registry)
         self.batch = Gauge("lorakit_batch_size", "Sequences in the running batch", registry=self.registry)
-        self.queue = Gauge("lorakit_queue_length", "Requests waiting to join the batch", registry=self.registry)
-        self.latency = Histogram("lorakit_request_seconds", "Time from arrival to the last token of a request",
-                                 registry=self.registry)
+        self.queue = Gauge("lorakit_queue_length", "Requests waiting to join the batch",
+                           registry=self.registry)
+        self.latency = Histogram("lorakit_request_seconds",
+                                 "Time from arrival to the last token of a request", registry=self.registry)
 
     def text(self) -> bytes:
         """The Prometheus text exposition of every metric."""

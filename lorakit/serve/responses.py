@@ -38,7 +38,8 @@ def chunk(sequence: Sequence, request_id: str, created: int, text: str | None,
         choice["delta"] = delta
     else:
         choice["text"] = text or ""
-    body: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk" if request.chat else "text_completion",
+    body: dict[str, Any] = {"id": request_id,
+                            "object": "chat.completion.chunk" if request.chat else "text_completion",
                             "created": created, "model": request.model, "choices": [choice]}
     if request.include_usage:
         body["usage"] = None  # as OpenAI: null on every chunk, the figures in one last chunk

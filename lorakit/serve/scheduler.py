@@ -45,7 +45,8 @@ class Scheduler:
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.metrics, self.model_lock = metrics, model_lock
         self.device = next(model.parameters()).device
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_arg = ("cache" if "cache" in inspect.signature(model.forward).parameters
+                          else "past_key_values")
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.batch = BatchCache()
@@ -67,8 +68,8 @@ class Scheduler:
         """Queue a request for the next step, or refuse it (429) when `max_queue` are waiting already."""
         with self._wake:
             if len(self.waiting) >= self.max_queue:
-                raise ApiError(429, f"the queue is full ({self.max_queue} requests waiting, --max-queue); retry "
-                                    "shortly", kind="rate_limit_error", headers={"Retry-After": "1"})
+                raise ApiError(429, f"the queue is full ({self.max_queue} requests waiting, --max-queue); "
+                                    "retry shortly", kind="rate_limit_error", headers={"Retry-After": "1"})
             self.waiting.append(sequence)
             self.metrics.queue.set(len(self.waiting))
             self._wake.notify()
@@ -169,7 +170,8 @@ class Scheduler:
         try:
             logits = self._decode(self.running, self.batch)
         except Exception:
-            # Find the rows whose forward fails alone; the batch cache was not grown, so the others redo the step.
+            # Find the rows whose forward fails alone; the batch cache was not grown, so the others redo
+            # the step.
             failing = set()
             for i, sequence in enumerate(self.running):
                 alone = copy.deepcopy(self.batch)

@@ -34,14 +34,15 @@ MAX_STOP = 4  # as OpenAI's API
 class ApiError(Exception):
     """A refusal: HTTP `status`, one-sentence `message`, the offending `param` (OpenAI's error shape)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.status}}
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,11 @@ def parse_generation(body: bytes, chat: bool) -> GenerationRequest:
             continue
         if name in NEUTRAL:
             if value not in NEUTRAL[name] or isinstance(value, bool) != isinstance(NEUTRAL[name][0], bool):
-                raise ApiError(400, f"{name}={json.dumps(value)} is not supported by this server; leave {name} "
-                                    f"out (or at {json.dumps(NEUTRAL[name][0])})", name)
+                raise ApiError(400, f"{name}={json.dumps(value)} is not supported by this server; "
+                                    f"leave {name} out (or at {json.dumps(NEUTRAL[name][0])})", name)
             continue
-        raise ApiError(400, f"unsupported field {name!r}; this endpoint accepts {', '.join(sorted(allowed))}", name)
+        raise ApiError(400, f"unsupported field {name!r}; this endpoint accepts {', '.join(sorted(allowed))}",
+                       name)
     model = _get(data, "model", str, required=True)
     max_tokens = _get(data, "max_tokens", int)
     if chat and data.get("max_completion_tokens") is not None:
@@ -107,7 +109,8 @@ def parse_generation(body: bytes, chat: bool) -> GenerationRequest:
             raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
         unknown = sorted(set(options) - {"include_usage"})
         if unknown:
-            raise ApiError(400, f"unsupported stream_options {unknown}; accepted: include_usage", "stream_options")
+            raise ApiError(400, f"unsupported stream_options {unknown}; accepted: include_usage",
+                           "stream_options")
         include_usage = bool(_get(options, "include_usage", bool, where="stream_options.include_usage"))
     common = dict(model=model, chat=chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                   seed=_get(data, "seed", int), stop=_stop(data.get("stop")), stream=stream,
@@ -144,11 +147,12 @@ def _name(data: dict[str, Any]) -> str:
 def _only(data: dict[str, Any], accepted: set[str]) -> None:
     unknown = sorted(set(data) - accepted)
     if unknown:
-        raise ApiError(400, f"unsupported field {unknown[0]!r}; this endpoint accepts {', '.join(sorted(accepted))}",
-                       unknown[0])
+        raise ApiError(400, f"unsupported field {unknown[0]!r}; "
+                            f"this endpoint accepts {', '.join(sorted(accepted))}", unknown[0])
 
 
-def _get(data: dict[str, Any], name: str, kind: type, required: bool = False, where: str | None = None) -> Any:
+def _get(data: dict[str, Any], name: str, kind: type, required: bool = False,
+         where: str | None = None) -> Any:
     """data[name] if it has JSON type `kind` (None when absent and not required), else ApiError(400)."""
     where = where or name
     value = data.get(name)
@@ -182,9 +186,10 @@ def _stop(value: Any) -> list[str]:
     if value is None:
         return []
     stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
-        raise ApiError(400, f"field 'stop' must be a non-empty string or a list of at most {MAX_STOP} non-empty "
-                            f"strings, got {json.dumps(value)[:80]}", "stop")
+    if (not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops)
+            or len(stops) > MAX_STOP):
+        raise ApiError(400, f"field 'stop' must be a non-empty string or a list of at most {MAX_STOP} "
+                            f"non-empty strings, got {json.dumps(value)[:80]}", "stop")
     return stops
 
 
@@ -192,8 +197,8 @@ def _prompt(value: Any) -> str:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
         value = value[0]  # one prompt in a list, as some clients send it
     if isinstance(value, list):
-        raise ApiError(400, f"field 'prompt' holds {len(value)} entries; this server takes one prompt string per "
-                            "request (token-id prompts are not supported)", "prompt")
+        raise ApiError(400, f"field 'prompt' holds {len(value)} entries; this server takes one prompt "
+                            "string per request (token-id prompts are not supported)", "prompt")
     if not isinstance(value, str):
         raise ApiError(400, f"field 'prompt' must be a string, got {json_type_name(value)}", "prompt")
     if not value:
@@ -231,8 +236,8 @@ def _content(value: Any, where: str) -> str:
     """A message's text: a string, or a list of {"type": "text", "text": ...} parts joined."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                       for p in value):
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                       and isinstance(p.get("text"), str) for p in value):
         return "".join(p["text"] for p in value)
     raise ApiError(400, f"{where} must be a string or a list of text parts, got {json.dumps(value)[:80]} "
                         "(images and audio are not supported)", where)

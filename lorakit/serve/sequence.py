@@ -76,7 +76,8 @@ class Sequence:
         if self.done:
             return self.text
         text = self.text.rstrip("\ufffd")
-        held = max((k for s in self.request.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        held = max((k for s in self.request.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                   default=0)
         return text[:len(text) - held]
 
     def usage(self) -> dict[str, Any]:

@@ -144,7 +144,8 @@ def _damaged(path: Path, problem: str) -> ValueError:
     """A checkpoint that cannot be read (a disk fault, a hand edit): say which, and the way on."""
     older = [p.name for p in list_checkpoints(path.parent) if p.name != path.name]
     way = f"delete it to resume from {older[-1]}" if older else "delete it to start over"
-    return ValueError(f"checkpoint {path} is damaged ({problem}); {way}, or pass --overwrite to start the run over")
+    return ValueError(f"checkpoint {path} is damaged ({problem}); {way}, or pass --overwrite to start the "
+                      "run over")
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

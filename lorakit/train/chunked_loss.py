@@ -48,7 +48,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if not bool(keep.any()):
                 continue
             h = hidden[rows][keep]
-            logits = F.linear(h, weight, bias) if buffer is None else _blocked_logits(h, weight, bias, buffer)  # (n, V)
+            logits = (F.linear(h, weight, bias) if buffer is None
+                      else _blocked_logits(h, weight, bias, buffer))  # (n, V)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit up to fp32
             target = chunk_labels[keep]
             # On a CPU in place: the logits and their log-softmax never live side by side (50 MB a

@@ -132,16 +132,19 @@ class TrainConfig:
                 problems.append(f"{name} must be an integer >= 0, got {value!r}")
         if self.global_batch_size is not None:
             if not is_positive_int(self.global_batch_size):
-                problems.append(f"global_batch_size must be an integer >= 1 or None, got {self.global_batch_size!r}")
+                problems.append(f"global_batch_size must be an integer >= 1 or None, "
+                                f"got {self.global_batch_size!r}")
             elif self.grad_accum != 1:
                 problems.append(f"give global_batch_size ({self.global_batch_size}) or grad_accum "
-                                f"({self.grad_accum}), not both: the micro-batches per step follow from the first")
+                                f"({self.grad_accum}), not both: the micro-batches per step follow from the "
+                                "first")
         if self.distributed is not None and not isinstance(self.distributed, DistributedConfig):
             problems.append(f"distributed must be a mapping such as {{strategy: ddp, nproc: 2}}, got "
                             f"{self.distributed!r}")
         if self.max_steps is not None and not is_positive_int(self.max_steps):
             problems.append(f"max_steps must be an integer >= 1 or None, got {self.max_steps!r}")
-        # Finite numbers first: YAML can give any type, and an infinite learning rate or decay makes NaN weights.
+        # Finite numbers first: YAML can give any type, and an infinite learning rate or decay makes NaN
+        # weights.
         if not (is_finite_real(self.learning_rate) and self.learning_rate > 0):
             problems.append(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
         if not (is_finite_real(self.val_fraction) and 0 <= self.val_fraction < 1):
@@ -153,27 +156,28 @@ class TrainConfig:
             problems.append(f"max_grad_norm must be a finite number > 0 or None (no clipping), got "
                             f"{self.max_grad_norm!r}")
         if self.quantize is not None and self.quantize not in QUANT_METHODS:
-            problems.append(f"quantize must be one of {', '.join(QUANT_METHODS)} or None, got {self.quantize!r}")
+            problems.append(f"quantize must be one of {', '.join(QUANT_METHODS)} or None, "
+                            f"got {self.quantize!r}")
         if self.format not in DATA_FORMATS:
             problems.append(f"format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.loraplus_ratio is not None and not (is_finite_real(self.loraplus_ratio)
                                                     and self.loraplus_ratio > 0):
-            problems.append(f"loraplus_ratio must be a number > 0 (B's learning rate = ratio x A's; LoRA+ suggests "
-                            f"16) or None, got {self.loraplus_ratio!r}")
+            problems.append(f"loraplus_ratio must be a number > 0 (B's learning rate = ratio x A's; LoRA+ "
+                            f"suggests 16) or None, got {self.loraplus_ratio!r}")
         if not (is_finite_real(self.loraplus_lr_embedding) and self.loraplus_lr_embedding > 0):
             problems.append(f"loraplus_lr_embedding must be a number > 0, got {self.loraplus_lr_embedding!r}")
         if not (is_finite_real(self.weight_decay) and self.weight_decay >= 0):
             problems.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.eval_exact_match and not (self.val_data or self.val_fraction):
-            problems.append(f"eval_exact_match={self.eval_exact_match} needs validation records: give val_data "
-                            "(--val-data) or val_fraction (--val-fraction)")
+            problems.append(f"eval_exact_match={self.eval_exact_match} needs validation records: "
+                            "give val_data (--val-data) or val_fraction (--val-fraction)")
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
             problems.append(f"output_dir must name a folder, got {self.output_dir!r}")
         if self.resume and self.overwrite:
-            problems.append("resume and overwrite contradict each other: resume continues the run in output_dir, "
-                            "overwrite deletes it")
+            problems.append("resume and overwrite contradict each other: resume continues the run in "
+                            "output_dir, overwrite deletes it")
         if not problems:  # the adapter's own settings, checked by the class that owns them
             try:
                 self.lora_config()
@@ -194,8 +198,9 @@ class TrainConfig:
             return self.grad_accum
         per_step = self.batch_size * world_size
         if self.global_batch_size % per_step:
-            raise ValueError(f"global_batch_size={self.global_batch_size} does not split over {world_size} rank(s) "
-                             f"x batch_size {self.batch_size}: give a multiple of {per_step}, or change batch_size")
+            raise ValueError(f"global_batch_size={self.global_batch_size} does not split over {world_size} "
+                             f"rank(s) x batch_size {self.batch_size}: give a multiple of {per_step}, "
+                             "or change batch_size")
         return self.global_batch_size // per_step
 
     def global_batch(self, world_size: int) -> int:
@@ -207,7 +212,8 @@ class TrainConfig:
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
                           use_rslora=self.use_rslora, share_dropout_mask=self.share_dropout_mask,
                           use_dora=self.use_dora, init=self.init,
-                          allow_requantize=self.quantize is not None)  # --quantize with --init pissa asks for both
+                          # --quantize with --init pissa asks for both
+                          allow_requantize=self.quantize is not None)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -218,7 +224,8 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown training setting(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
         types = get_type_hints(cls)
         return cls(**{key: value if key == "distributed" else _as_number(key, value, types[key])
                       for key, value in values.items()})
@@ -257,7 +264,8 @@ def _kind_problems(config: TrainConfig) -> list[str]:
 
 
 def _is_targets(value: object) -> bool:
-    return isinstance(value, str) or (isinstance(value, list | tuple) and all(isinstance(v, str) for v in value))
+    return isinstance(value, str) or (isinstance(value, list | tuple)
+                                      and all(isinstance(v, str) for v in value))
 
 
 def _as_number(key: str, value: Any, kind: Any) -> Any:

@@ -83,15 +83,16 @@ def start(config: TrainConfig) -> World:
     if not under_torchrun():
         if settings is not None and settings.strategy == "fsdp":
             raise ValueError("--distributed fsdp needs several processes: pass --nproc N (nproc: N in the "
-                             "distributed: section), or start with torchrun --nproc-per-node N -m lorakit train ...")
+                             "distributed: section), or start with torchrun --nproc-per-node N -m lorakit "
+                             "train ...")
         return World(device=_device(config.device, 0))
     _end_with_the_launcher()
     strategy = settings.strategy if settings is not None else "ddp"
     local_rank = int(os.environ["LOCAL_RANK"])
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
     if settings is not None and settings.nproc is not None and settings.nproc != local_size:
-        raise ValueError(f"nproc={settings.nproc}, but the launcher started {local_size} processes on this machine; "
-                         "drop nproc under torchrun, or make the two agree")
+        raise ValueError(f"nproc={settings.nproc}, but the launcher started {local_size} processes on this "
+                         "machine; drop nproc under torchrun, or make the two agree")
     device = _device(config.device, local_rank)
     backend = settings.backend if settings is not None else "auto"
     if backend == "auto":

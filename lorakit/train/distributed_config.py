@@ -33,7 +33,8 @@ class DistributedConfig:
     def __post_init__(self) -> None:
         problems = []
         if self.strategy not in STRATEGIES:
-            problems.append(f"distributed strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+            problems.append(f"distributed strategy must be one of {', '.join(STRATEGIES)}, "
+                            f"got {self.strategy!r}")
         if self.nproc is not None and not is_positive_int(self.nproc):
             problems.append(f"nproc must be an integer >= 1 or None, got {self.nproc!r}")
         if self.backend not in BACKENDS:
@@ -49,5 +50,6 @@ class DistributedConfig:
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"unknown distributed setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+            raise ValueError(f"unknown distributed setting(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(known)}")
         return cls(**values)

@@ -53,8 +53,10 @@ def parameter_groups(model: nn.Module, params: list[nn.Parameter], lr: float, lo
     return [{"params": found, "lr": rates[group], "name": group} for group, found in groups.items() if found]
 
 
-def build_optimizer(config: TrainConfig, model: nn.Module, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' PagedAdamW) over `params`, in LoRA+ groups when `config.loraplus_ratio` is set."""
+def build_optimizer(config: TrainConfig, model: nn.Module,
+                    params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' PagedAdamW) over `params`, in LoRA+ groups when `config.loraplus_ratio` is
+    set."""
     groups = parameter_groups(model, params, config.learning_rate, config.loraplus_ratio,
                               config.loraplus_lr_embedding)
     if config.optimizer == "paged_adamw":

@@ -32,8 +32,9 @@ RUN_OUTPUTS = ("adapter", "metrics.jsonl", "loss.png", RUN_FILE)
 # optimizer state (r, targets, ...) or decide which examples come next (data, global batch, seed, ...).
 # The global batch (rows per optimizer step over all ranks) is compared, not its factors: 2 ranks x
 # batch 4 resumes as 1 rank x batch 8 or x batch 4 x accumulation 2, and continues exactly.
-RESUME_SETTINGS = ("model", "quantize", "r", "alpha", "dropout", "targets", "use_rslora", "share_dropout_mask",
-                   "use_dora", "init", "optimizer", "loraplus_ratio", "loraplus_lr_embedding",
+RESUME_SETTINGS = ("model", "quantize", "r", "alpha", "dropout", "targets", "use_rslora",
+                   "share_dropout_mask", "use_dora", "init", "optimizer", "loraplus_ratio",
+                   "loraplus_lr_embedding",
                    "data", "val_data", "val_fraction", "format", "max_length", "pack", "train_on_prompt",
                    "global_batch", "seed")
 # Recorded too, for people reading run.json, but free to change on resume.
@@ -82,7 +83,8 @@ def claim_run_folder(config: TrainConfig, say: Callable[[str], None], world_size
     path = Path(config.output_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"output_dir {path} is a file; give a folder (it is created when missing)")
-    check_parent(path, "output_dir")  # data.jsonl/sub: merge's and export's words, not mkdir's "Not a directory"
+    # data.jsonl/sub: merge's and export's words, not mkdir's "Not a directory"
+    check_parent(path, "output_dir")
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -135,19 +137,21 @@ def _settle_previous_run(path: Path, config: TrainConfig, say: Callable[[str], N
         differences = _differences(recorded or {}, run_settings(config, world_size))
         if differences:
             raise ValueError(f"cannot resume the run in {path}: " + "; ".join(
-                f"{source.name} has {key}={old!r}, this run asks {key}={new!r}" for key, old, new in differences)
+                f"{source.name} has {key}={old!r}, this run asks {key}={new!r}"
+                for key, old, new in differences)
                 + ". Resume with the same settings, or pass --overwrite to start over")
         if not checkpoints and (path / "adapter").exists():
             # Starting fresh would replace a finished run's adapter with a new one.
-            raise ValueError(f"cannot resume the run in {path}: it has no checkpoint (it was trained without "
-                             "--save-every), only its finished adapter/, which a fresh start would replace. Pass "
-                             "--overwrite to start over, or choose another --output-dir")
+            raise ValueError(f"cannot resume the run in {path}: it has no checkpoint (it was trained "
+                             "without --save-every), only its finished adapter/, which a fresh start would "
+                             "replace. Pass --overwrite to start over, or choose another --output-dir")
         if not checkpoints:
             say(f"--resume: no checkpoint in {path}; starting fresh")
         return checkpoints[-1] if checkpoints else None
     if found:
-        raise ValueError(f"output folder {path} holds another run ({_describe(found)}); pass --resume to continue "
-                         "it, --overwrite to delete it and start over, or choose another --output-dir")
+        raise ValueError(f"output folder {path} holds another run ({_describe(found)}); pass --resume to "
+                         "continue it, --overwrite to delete it and start over, or choose another "
+                         "--output-dir")
     return None
 
 

@@ -38,14 +38,16 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as err:
-                raise ValueError(f"cannot write in output folder {self.folder}: {err.strerror or err}") from None
+                raise ValueError(f"cannot write in output folder {self.folder}: "
+                                 f"{err.strerror or err}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _describe(_read(fd))
                 os.close(fd)
-                raise RunFolderBusy(f"output folder {self.folder} is in use by another lorakit run ({holder}); "
-                                    "wait for it to finish, or choose another --output-dir") from None
+                raise RunFolderBusy(f"output folder {self.folder} is in use by another lorakit run "
+                                    f"({holder}); wait for it to finish, or choose another "
+                                    "--output-dir") from None
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # the previous holder removed the file between our open and our lock: again
