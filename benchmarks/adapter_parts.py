@@ -39,7 +39,8 @@ def parts(tokens: int) -> dict[str, Callable[[], object]]:
     torch.manual_seed(0)
     x0 = torch.randn(tokens, HIDDEN)
     weights = [torch.randn(out, HIDDEN) / HIDDEN**0.5 for out in WIDTHS]
-    factors = [((torch.randn(RANK, HIDDEN) / HIDDEN**0.5).requires_grad_(), (torch.randn(out, RANK) * 0.01).requires_grad_())
+    factors = [((torch.randn(RANK, HIDDEN) / HIDDEN**0.5).requires_grad_(),
+                (torch.randn(out, RANK) * 0.01).requires_grad_())
                for out in WIDTHS]
     grads = [torch.randn(tokens, out) for out in WIDTHS]
     scale = 2.0 / (1 - quantized_dropout(DROPOUT))
@@ -52,12 +53,14 @@ def parts(tokens: int) -> dict[str, Callable[[], object]]:
     def one_by_one() -> None:
         x = x0.clone().requires_grad_()
         mask = draw_keep_mask(x, DROPOUT)  # shared by the three, as LoraConfig's default
-        outs = [LoraLinearFunction.apply(x, w, None, a, b, scale, mask) for w, (a, b) in zip(weights, factors, strict=True)]
+        outs = [LoraLinearFunction.apply(x, w, None, a, b, scale, mask)
+                for w, (a, b) in zip(weights, factors, strict=True)]
         torch.autograd.backward(outs, grads)
 
     def grouped() -> None:
         x = x0.clone().requires_grad_()
-        outs = lora_linears_one_input(x, [(w, None, a, b, 2.0) for w, (a, b) in zip(weights, factors, strict=True)],
+        outs = lora_linears_one_input(x, [(w, None, a, b, 2.0)
+                                          for w, (a, b) in zip(weights, factors, strict=True)],
                                       DROPOUT)
         torch.autograd.backward(outs, grads)
 

@@ -87,7 +87,8 @@ def build_model(setting: Setting, seed: int = 0) -> nn.Module:
         return model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**RANDOM_MODELS[setting.model], max_position_embeddings=4096, tie_word_embeddings=False)
+    config = LlamaConfig(**RANDOM_MODELS[setting.model], max_position_embeddings=4096,
+                         tie_word_embeddings=False)
     torch.manual_seed(seed)
     with torch.device(setting.device):
         model = LlamaForCausalLM(config)
@@ -155,7 +156,8 @@ def copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> int:
     with torch.no_grad():
         for key, param in own.items():
             if param.shape != tensors[key].shape:
-                raise ValueError(f"{key}: shape {tuple(param.shape)} in the model, {tuple(tensors[key].shape)} given")
+                raise ValueError(f"{key}: shape {tuple(param.shape)} in the model, "
+                                 f"{tuple(tensors[key].shape)} given")
             param.copy_(tensors[key])
     return len(own)
 
@@ -266,7 +268,8 @@ def run_text(module: str, args: Sequence[str], timeout: float = 1800.0) -> str:
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command[1:])}` failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"`{' '.join(command[1:])}` failed (exit {done.returncode}):\n"
+                           f"{done.stderr[-3000:]}")
     return done.stdout
 
 

@@ -120,7 +120,8 @@ def worker(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         tick = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext():
+        with (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+              else contextlib.nullcontext()):
             loss = wrapped({"input_ids": mine, "labels": mine}, num_items=args.batch * (args.seq - 1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -130,8 +131,8 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - tick)
         losses.append(float(world.sum(float(loss.detach()))))
-    figures = {"rank": rank, "peak_rss": peak_rss_bytes(), "rss_loaded": rss_loaded, "rss_wrapped": rss_wrapped,
-               "rss_after": rss_bytes(), "base_held": held,
+    figures = {"rank": rank, "peak_rss": peak_rss_bytes(), "rss_loaded": rss_loaded,
+               "rss_wrapped": rss_wrapped, "rss_after": rss_bytes(), "base_held": held,
                "base_whole": whole, "seconds": times[args.warmup:],
                "cuda_peak": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     every = [figures]
@@ -170,7 +171,8 @@ def cpu_section(args: argparse.Namespace) -> list[dict[str, Any]]:
             ("2 ranks x 1 thread, FSDP2", 2, 1, ["--strategy", "fsdp"]),
             # What FSDP2 costs on a CPU without lorakit's fixed mmap threshold (distributed.py): the
             # gathered weights' buffers stay in the heap.
-            ("2 ranks x 1 thread, FSDP2, glibc's own mmap threshold", 2, 1, ["--strategy", "fsdp", "--malloc", "glibc"]),
+            ("2 ranks x 1 thread, FSDP2, glibc's own mmap threshold", 2, 1,
+             ["--strategy", "fsdp", "--malloc", "glibc"]),
             ("2 ranks x 1 thread, QLoRA + FSDP2", 2, 1, ["--strategy", "fsdp", "--quant", "nf4"])]
     rows = []
     for name, nproc, threads, extra in runs:
@@ -183,11 +185,14 @@ def cpu_section(args: argparse.Namespace) -> list[dict[str, Any]]:
 def cuda_section(args: argparse.Namespace, gpus: int) -> list[dict[str, Any]]:
     device = "cuda" if gpus else "cpu"
     gpus = gpus or 2  # the CPU check of this code path runs 2 ranks
-    unit, dtype = ("GPU(s)", "bf16") if device == "cuda" else ("CPU rank(s), a check of the code path", "fp32")
+    unit, dtype = (("GPU(s)", "bf16") if device == "cuda"
+                   else ("CPU rank(s), a check of the code path", "fp32"))
     rows = []
-    common = ["--device", device, "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    common = ["--device", device, "--seq", str(args.seq), "--steps", str(args.steps),
+              "--warmup", str(args.warmup)]
     for nproc in sorted({1, 2, 4, 8, gpus} & set(range(1, gpus + 1))):  # DDP scaling, batch per GPU fixed
-        result = launch(nproc, 1, common + ["--model", args.cuda_shape, "--strategy", "ddp" if nproc > 1 else "none",
+        result = launch(nproc, 1, common + ["--model", args.cuda_shape,
+                                            "--strategy", "ddp" if nproc > 1 else "none",
                                             "--batch", str(args.batch * nproc)], args.timeout)
         rows.append({"run": f"{args.cuda_shape} LoRA {dtype}, {nproc} {unit}, DDP", "nproc": nproc, **result})
     shape = "llama-8b" if device == "cuda" else args.cuda_shape
@@ -204,13 +209,15 @@ def table(rows: list[dict[str, Any]], baseline: float) -> str:
     for row in rows:
         ranks = row["ranks"]
         gib = [f"{r['peak_rss'] / 2**30:.2f}" for r in ranks]
-        after = [f"{r['rss_loaded'] / 2**30:.2f} / {r['rss_wrapped'] / 2**30:.2f} / {r['rss_after'] / 2**30:.2f}"
+        after = [f"{r['rss_loaded'] / 2**30:.2f} / {r['rss_wrapped'] / 2**30:.2f} / "
+                 f"{r['rss_after'] / 2**30:.2f}"
                  for r in ranks]
         held = [f"{r['base_held'] / 2**30:.3f}" for r in ranks]
         cuda = [f"{r['cuda_peak'] / 2**30:.1f}" for r in ranks if r["cuda_peak"] is not None]
         lines.append(f"| {row['run']} | {row['tokens_per_s']:.0f} | {row['tokens_per_s'] / baseline:.2f}x | "
                      f"{' / '.join(gib)} GiB | {'; '.join(after)} GiB | {' / '.join(held)} of "
-                     f"{ranks[0]['base_whole'] / 2**30:.3f} GiB | {' / '.join(cuda) + ' GiB' if cuda else '-'} |")
+                     f"{ranks[0]['base_whole'] / 2**30:.3f} GiB | "
+                     f"{' / '.join(cuda) + ' GiB' if cuda else '-'} |")
     return "\n".join(lines)
 
 
@@ -222,7 +229,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="rows per step over all ranks (CUDA: per GPU)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per row")
     parser.add_argument("--cuda-shape", choices=tuple(SHAPES), default="llama-8b",
-                        help="model of the CUDA section's scaling runs; llama-tiny runs it on a CPU to check it")
+                        help="model of the CUDA section's scaling runs; llama-tiny runs it on a CPU "
+                             "to check it")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument("--json", default=None, help="also write the figures here as JSON")
     # What torchrun starts: one rank of one run.
@@ -247,20 +255,22 @@ def main() -> None:
     if args.section in ("cpu", "all"):
         rows = cpu_section(args)
         report["cpu"] = rows
-        print(f"\nCPU: the default model, LoRA r=16 (7 linear kinds), fp32, {args.batch} x {args.seq} tokens per step, "
-              f"median of {args.steps} steps after {args.warmup} warm-up\n")
+        print(f"\nCPU: the default model, LoRA r=16 (7 linear kinds), fp32, {args.batch} x {args.seq} "
+              f"tokens per step, median of {args.steps} steps after {args.warmup} warm-up\n")
         print(table(rows, rows[0]["tokens_per_s"]))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.section in ("cuda", "all"):
         if gpus == 0 and args.cuda_shape == "llama-8b":
-            print("\nCUDA: skipped (no GPU); `--section cuda --cuda-shape llama-tiny` checks its code path on the CPU")
+            print("\nCUDA: skipped (no GPU); `--section cuda --cuda-shape llama-tiny` checks its code path "
+                  "on the CPU")
             report["cuda"] = None
         else:
             rows = cuda_section(args, gpus)
             report["cuda"] = rows
-            print(f"\nCUDA ({gpus} GPU(s)): {args.batch} x {args.seq} tokens per GPU per step, bf16 autocast\n" if gpus
-                  else f"\nThe CUDA section's code path on the CPU (no GPU): {args.batch} x {args.seq} tokens per rank per "
-                  "step, fp32\n")
+            print(f"\nCUDA ({gpus} GPU(s)): {args.batch} x {args.seq} tokens per GPU per step, "
+                  "bf16 autocast\n" if gpus
+                  else f"\nThe CUDA section's code path on the CPU (no GPU): {args.batch} x {args.seq} "
+                  "tokens per rank per step, fp32\n")
             print(table(rows, rows[0]["tokens_per_s"]))
     if args.json:
         from pathlib import Path

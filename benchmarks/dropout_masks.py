@@ -33,8 +33,9 @@ def one_run(shared: bool, seed: int, steps: int, work: Path) -> dict:
     torch.manual_seed(seed)
     model, tokenizer = load_model("default")
     config = TrainConfig(data=str(DATA / "train.jsonl"), output_dir=str(work / f"{shared}-{seed}"), r=16,
-                         alpha=32, dropout=0.05, share_dropout_mask=shared, learning_rate=2e-3, warmup_steps=5,
-                         max_steps=steps, batch_size=16, max_length=96, seed=seed, progress=False)
+                         alpha=32, dropout=0.05, share_dropout_mask=shared, learning_rate=2e-3,
+                         warmup_steps=5, max_steps=steps, batch_size=16, max_length=96, seed=seed,
+                         progress=False)
     started = time.perf_counter()
     result = train(config, model, tokenizer)
     seconds = time.perf_counter() - started
@@ -47,7 +48,8 @@ def one_run(shared: bool, seed: int, steps: int, work: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; each runs both settings")
     args = parser.parse_args()
@@ -65,7 +67,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for run in runs:
         name = "shared (q/k/v, gate/up)" if run["shared"] else "per module (PEFT)"
-        print(f"| {name} | {run['seed']} | {run['losses'][0]:.4f} | {statistics.mean(run['losses'][-10:]):.4f} | "
+        print(f"| {name} | {run['seed']} | {run['losses'][0]:.4f} | "
+              f"{statistics.mean(run['losses'][-10:]):.4f} | "
               f"{run['exact_match']:.1%} ({round(run['exact_match'] * run['n'])}/{run['n']}) | "
               f"{run['seconds']:.0f} s |")
     _plot(runs, ROOT / "docs" / "dropout_masks.png")

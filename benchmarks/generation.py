@@ -102,11 +102,13 @@ def measure(runs: int, warmup: int, merge_runs: int, new_tokens: int) -> dict[st
     result["merge_seconds"] = {name: {"median": median(t), "runs": t} for name, t in merge_times.items()}
     del models
     merged_logits = {name: model(input_ids=probe).logits for name, model in merged.items()}
-    result["merged_vs_unmerged"] = {name: (merged_logits[name] - unmerged[name]).abs().max().item() for name in merged}
+    result["merged_vs_unmerged"] = {name: (merged_logits[name] - unmerged[name]).abs().max().item()
+                                    for name in merged}
     result["merged_lorakit_vs_peft"] = (merged_logits["lorakit"] - merged_logits["peft"]).abs().max().item()
     peft_weights = merged["peft"].state_dict()
     result["merged_weights_lorakit_vs_peft"] = max(
-        (value - peft_weights[key]).abs().max().item() for key, value in merged["lorakit"].state_dict().items())
+        (value - peft_weights[key]).abs().max().item()
+        for key, value in merged["lorakit"].state_dict().items())
     merged["base"] = build_model(setting).eval()  # the plain model both merged models should run like
     result["generate_merged"], tokens_merged = _generation(merged, generate, runs, warmup, new_tokens)
     result["same_tokens"] = {

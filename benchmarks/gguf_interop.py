@@ -1,6 +1,7 @@
 """lorakit's GGUF files in llama.cpp itself (through llama-cpp-python), side by side with lorakit.
 
-    .venv/bin/python -m benchmarks.gguf_interop [--positions 300] [--demo-adapter runs/demo/adapter] [--json PATH]
+    .venv/bin/python -m benchmarks.gguf_interop [--positions 300] [--demo-adapter runs/demo/adapter] \
+[--json PATH]
 
 1. Adapter effect. An adapter on all 7 linear kinds of the default model (rsLoRA, a rank_pattern
    and an alpha_pattern, so scales are folded into lora_b) is exported with `lorakit export`. On
@@ -33,8 +34,9 @@ import torch
 from benchmarks.common import ROOT
 
 TEXT = (
-    "The lighthouse keeper wrote in his log every evening, noting the wind, the colour of the sea and the ships "
-    "that passed. In March the storms came early; a fishing boat lost its mast near the northern rocks and the "
+    "The lighthouse keeper wrote in his log every evening, noting the wind, the colour of the sea and the "
+    "ships that passed. "
+    "In March the storms came early; a fishing boat lost its mast near the northern rocks and the "
     "crew rowed for six hours before they reached the harbour. The keeper's daughter, who was learning "
     "arithmetic, counted the flashes of the lamp: one every twelve seconds, three hundred an hour, seven "
     "thousand two hundred a day. She asked why ships needed a light when they had maps. Because maps do not "
@@ -75,8 +77,8 @@ def llama(model_path: Path, lora: Path | None = None, n_ctx: int = 512) -> Any:
 
     # One thread: ggml's workers spin at each barrier, which costs far more than it gains on a busy
     # 2-core machine; a 135M model is quick on one.
-    return Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, logits_all=True,
-                 n_threads=1, n_threads_batch=1, verbose=False, seed=0)
+    return Llama(model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=n_ctx,
+                 logits_all=True, n_threads=1, n_threads_batch=1, verbose=False, seed=0)
 
 
 def llamacpp_logits(llm: Any, ids: list[int]) -> np.ndarray:
@@ -135,7 +137,8 @@ def adapter_effect(model: Any, tokenizer: Any, adapter: Path, base_f32: Path, wo
     ours = lorakit_logits(model, ids) - before
     exported = export_module.export_adapter(adapter, work / "adapter.gguf", base="default", outtype="f32")
     with mock.patch.object(export_module, "gguf_rows", lambda pair, rows, base: rows):
-        unpermuted = export_module.export_adapter(adapter, work / "unpermuted.gguf", base="default", outtype="f32")
+        unpermuted = export_module.export_adapter(adapter, work / "unpermuted.gguf", base="default",
+                                                  outtype="f32")
     plain = llamacpp_logits(llama(base_f32), ids)
     figures: dict[str, Any] = {"positions": len(ids), "folded": exported.folded, "pairs": exported.pairs}
     for name, path in (("exported", exported.path), ("unpermuted", unpermuted.path)):
@@ -191,9 +194,11 @@ def demo_exact_match(adapter: Path, base_f32: Path, work: Path) -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--positions", type=int, default=300, help="tokens of text compared")
-    parser.add_argument("--demo-adapter", default=None, help="the demo's trained adapter (make demo: runs/demo)")
+    parser.add_argument("--demo-adapter", default=None,
+                        help="the demo's trained adapter (make demo: runs/demo)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     import lorakit
@@ -223,8 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _print(figures: dict[str, Any]) -> None:
     effect = figures["adapter_effect"]
-    print(f"\nAdapter effect on next-token logits, llama.cpp vs lorakit ({effect['positions']} positions, F32 base, "
-          f"{effect['pairs']} pairs, {effect['folded']} scales folded):\n")
+    print(f"\nAdapter effect on next-token logits, llama.cpp vs lorakit ({effect['positions']} positions, "
+          f"F32 base, {effect['pairs']} pairs, {effect['folded']} scales folded):\n")
     print("| adapter file | cosine | size ratio (llama.cpp / lorakit) |\n|---|---:|---:|")
     for name in ("exported", "unpermuted"):
         label = "lorakit export" if name == "exported" else "control: q/k rows not permuted"
@@ -232,10 +237,12 @@ def _print(figures: dict[str, Any]) -> None:
     merged = figures["merged"]
     same = sum(row["same"] for row in merged["prompts"])
     print(f"\nMerged F32 GGUF in llama.cpp: greedy tokens equal lorakit's base + adapter on {same}/"
-          f"{len(merged['prompts'])} prompts; max |logit difference| {merged['max_abs_logit_difference']:.2e}")
+          f"{len(merged['prompts'])} prompts; max |logit difference| "
+          f"{merged['max_abs_logit_difference']:.2e}")
     if "demo" in figures:
         demo = figures["demo"]
-        print(f"\nDemo adapter, exact match on {demo['n']} held-out dates:\n\n| run | exact match |\n|---|---:|")
+        print(f"\nDemo adapter, exact match on {demo['n']} held-out dates:\n\n"
+              "| run | exact match |\n|---|---:|")
         for label, score in demo.items():
             if label != "n":
                 print(f"| {label} | {score:.1%} |")

@@ -96,7 +96,8 @@ def format_table(totals: dict[str, dict[str, float]]) -> str:
     for name, t in rows:
         n = t["params"]
         lines.append(
-            f"| {name} | {int(n):,} | {t['weight'] / n:.3e} | {t['nf4'] / n:.3e} | {t['nf4_fp32_scales'] / n:.3e} "
+            f"| {name} | {int(n):,} | {t['weight'] / n:.3e} | {t['nf4'] / n:.3e} | "
+            f"{t['nf4_fp32_scales'] / n:.3e} "
             f"| {t['int4'] / n:.3e} | {t['int4'] / t['nf4']:.2f} |"
         )
     return "\n".join(lines)

@@ -70,7 +70,8 @@ def main() -> None:
         ours = copy.deepcopy(base)
         for name in names:
             load_adapter(ours, f"{tmp}/{name}", name=name)
-        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), f"{tmp}/{names[0]}", adapter_name=names[0])
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), f"{tmp}/{names[0]}",
+                                                adapter_name=names[0])
         for name in names[1:]:
             theirs.load_adapter(f"{tmp}/{name}", adapter_name=name)
         theirs.eval()
@@ -107,8 +108,9 @@ def main() -> None:
     agree = all(d < TOLERANCE for d in diffs.values())
     effect = (expected - outputs[BASE]).abs().max().item()
     params = sum(p.numel() for p in base.parameters()) / 1e6
-    print(f"Per-row adapters: {args.rows} rows x {args.seq} token(s), {args.adapters} adapters (r=16, all 7 linear "
-          f"kinds), {'the default model (SmolLM2-135M)' if args.model == 'default' else 'a random Llama'} "
+    print(f"Per-row adapters: {args.rows} rows x {args.seq} token(s), {args.adapters} adapters "
+          "(r=16, all 7 linear kinds), "
+          f"{'the default model (SmolLM2-135M)' if args.model == 'default' else 'a random Llama'} "
           f"({params:.1f}M parameters, {base.config.num_hidden_layers} layers), fp32.\n")  # type: ignore[union-attr]
     print("| forward | median ms | vs one adapter | max abs diff to rows one by one |")
     print("|---|---:|---:|---:|")
@@ -116,9 +118,11 @@ def main() -> None:
         diff = f"{diffs[label]:.1e}" if label in diffs else "-"
         print(f"| {label} | {ms[label]:.1f} | {ms[label] / ms[ONE]:.2f}x | {diff} |")
     over_one, peft_over = ms[PER_ROW] / ms[ONE], ms[PEFT] / ms[PER_ROW]
-    print(f"\nTargets: per-row <= 1.3x one adapter: {over_one:.2f}x ({'met' if over_one <= 1.3 else 'NOT met'}); "
+    print(f"\nTargets: per-row <= 1.3x one adapter: {over_one:.2f}x "
+          f"({'met' if over_one <= 1.3 else 'NOT met'}); "
           f"per-row >= 3x faster than PEFT: {peft_over:.2f}x ({'met' if peft_over >= 3 else 'NOT met'}).")
-    print(f"Outputs agree with the rows one by one (max abs diff < {TOLERANCE:g}): {'yes' if agree else 'NO'}; the adapters "
+    print(f"Outputs agree with the rows one by one (max abs diff < {TOLERANCE:g}): "
+          f"{'yes' if agree else 'NO'}; the adapters "
           f"move the logits by up to {effect:.2f} from the base model's.")
     print(f"Machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), peft {peft.__version__}, load average "

@@ -107,7 +107,8 @@ def training_steps(setting: Setting) -> TrainingSteps:
     return TrainingSteps(models, quantized)
 
 
-def alternate(steps: TrainingSteps, setting: Setting, rounds: int, warmup: int) -> dict[str, list[dict[str, float]]]:
+def alternate(steps: TrainingSteps, setting: Setting, rounds: int,
+              warmup: int) -> dict[str, list[dict[str, float]]]:
     """Per configuration, the measured steps (warm-up steps dropped), the order swapped every round."""
     names = list(steps.models)
     times: dict[str, list[dict[str, float]]] = {name: [] for name in names}
@@ -139,12 +140,13 @@ def print_table(times: dict[str, list[dict[str, float]]], dequant: list[float], 
     median: Callable[[list[float]], float] = statistics.median
     seconds = {name: median([r["seconds"] for r in records]) for name, records in times.items()}
     print(f"QLoRA step vs fp32 LoRA step: the default model (SmolLM2-135M), batch {setting.batch} x "
-          f"{setting.seq}, r={setting.r}, alpha={setting.alpha}, dropout {setting.dropout}, all 7 linear kinds; "
-          f"median of {rounds} rounds, the two alternating.\n")
+          f"{setting.seq}, r={setting.r}, alpha={setting.alpha}, dropout {setting.dropout}, "
+          f"all 7 linear kinds; median of {rounds} rounds, the two alternating.\n")
     print("| configuration | s/step | per round | forward / backward / optimizer s |")
     print("|---|---:|---|---|")
     for name, records in times.items():
-        parts = " / ".join(f"{median([r[p] for r in records]):.2f}" for p in ("forward", "backward", "optimizer"))
+        parts = " / ".join(f"{median([r[p] for r in records]):.2f}"
+                           for p in ("forward", "backward", "optimizer"))
         rounds_text = ", ".join(f"{r['seconds']:.2f}" for r in records)
         print(f"| {name} | {seconds[name]:.2f} | {rounds_text} | {parts} |")
     ratio = seconds[NF4] / seconds[FP32]
@@ -158,7 +160,8 @@ def print_table(times: dict[str, list[dict[str, float]]], dequant: list[float], 
 
 def machine() -> str:
     """The processor's model name, CPUs, torch and its threads."""
-    return f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def linear_shapes(shape: dict[str, int]) -> list[tuple[str, int, int, int]]:
     h, i, layers = shape["hidden"], shape["intermediate"], shape["layers"]
     q, kv = shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
     return [
-        ("q_proj", h, q, layers), ("k_proj", h, kv, layers), ("v_proj", h, kv, layers), ("o_proj", q, h, layers),
+        ("q_proj", h, q, layers), ("k_proj", h, kv, layers), ("v_proj", h, kv, layers),
+        ("o_proj", q, h, layers),
         ("gate_proj", h, i, layers), ("up_proj", h, i, layers), ("down_proj", i, h, layers),
         ("lm_head", h, shape["vocab"], 1),
     ]
@@ -56,14 +57,15 @@ def step_flops(shape: dict[str, int], batch: int, seq: int, r: int, kind: str,
     if kind == "lora":
         parts["lora"] = 6.0 * tokens * p_lora
     if checkpointing:
-        parts["recompute"] = 2.0 * tokens * (p_lin - p_head) + attention + (2.0 * tokens * p_lora if kind == "lora" else 0)
+        parts["recompute"] = (2.0 * tokens * (p_lin - p_head) + attention
+                              + (2.0 * tokens * p_lora if kind == "lora" else 0))
     parts["total"] = sum(parts.values())
     parts["model_total"] = parts["total"] - parts.get("recompute", 0.0)  # what MFU counts
     return parts
 
 
-def measure_matmuls(shape: dict[str, int], tokens: int, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                    repeats: int = 5) -> dict[str, Any]:
+def measure_matmuls(shape: dict[str, int], tokens: int, dtype: torch.dtype = torch.float32,
+                    device: str = "cpu", repeats: int = 5) -> dict[str, Any]:
     """Median GFLOP/s of torch.matmul on each (tokens x in) @ (in x out) shape of the model.
 
     Backward input gradients multiply (tokens x out) @ (out x in), so those shapes are timed too.
@@ -88,7 +90,8 @@ def measure_matmuls(shape: dict[str, int], tokens: int, dtype: torch.dtype = tor
             times.append(time.perf_counter() - start)
         seconds = median(times)
         flops = 2.0 * tokens * k * n
-        rows.append({"m": tokens, "k": k, "n": n, "count": count, "seconds": seconds, "gflops": flops / seconds / 1e9})
+        rows.append({"m": tokens, "k": k, "n": n, "count": count, "seconds": seconds,
+                     "gflops": flops / seconds / 1e9})
         total_flops += flops * count
         total_seconds += seconds * count
         del a, b

@@ -39,25 +39,29 @@ GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 F
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small batch, few steps, one round (a few minutes)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small batch, few steps, one round (a few minutes)")
     parser.add_argument("--rounds", type=int, help="rounds of the lorakit/PEFT pairs (default 2, quick 1)")
     parser.add_argument("--steps", type=int, help="timed steps per child (default 3, quick 2)")
     parser.add_argument("--warmup", type=int, help="warm-up steps per child (default 1)")
     parser.add_argument("--batch", type=int, help="default 4, quick 2")
     parser.add_argument("--seq", type=int, help="default 256, quick 128")
-    parser.add_argument("--skip", default="", help="comma-separated sections to leave out (a section the --json "
-                        "file holds keeps its earlier figures): "
+    parser.add_argument("--skip", default="", help="comma-separated sections to leave out (a section the "
+                        "--json file holds keeps its earlier figures): "
                         f"extras,live,loss,generation,cuda,{','.join(SECTIONS)}")
-    parser.add_argument("--only", default="", help=f"comma-separated sections of cuda,{','.join(SECTIONS)} to run "
-                        "again, keeping every other figure of the --json file (`--only cuda` on a lent GPU machine)")
+    parser.add_argument("--only", default="", help=f"comma-separated sections of cuda,{','.join(SECTIONS)} "
+                        "to run again, keeping every other figure of the --json file (`--only cuda` on a "
+                        "lent GPU machine)")
     parser.add_argument("--cuda-model", default="llama-1b", help="random Llama model for the CUDA section")
-    parser.add_argument("--cuda-device", default="cuda", help="'cpu' runs the CUDA section's code on the CPU (a check)")
+    parser.add_argument("--cuda-device", default="cuda",
+                        help="'cpu' runs the CUDA section's code on the CPU (a check)")
     parser.add_argument("--cuda-dtype", default="bfloat16")
     parser.add_argument("--cuda-batch", type=int, default=8)
     parser.add_argument("--cuda-seq", type=int, default=1024)
     parser.add_argument("--markdown", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
-    parser.add_argument("--render", metavar="RESULTS_JSON", help="only rewrite the markdown from a results file")
+    parser.add_argument("--render", metavar="RESULTS_JSON",
+                        help="only rewrite the markdown from a results file")
     args = parser.parse_args()
     if args.render:
         _write(Path(args.markdown), render(json.loads(Path(args.render).read_text())))
@@ -73,7 +77,8 @@ def main() -> None:
         "warmup": args.warmup if args.warmup is not None else 1,
         "steps": args.steps or (2 if quick else 3),
         "loss_check_steps": 2 if quick else 3,
-        "generation": {"runs": 2 if quick else 3, "warmup": 1, "merge_runs": 2 if quick else 3, "new_tokens": 32},
+        "generation": {"runs": 2 if quick else 3, "warmup": 1, "merge_runs": 2 if quick else 3,
+                       "new_tokens": 32},
         "matmul_repeats": 3 if quick else 5,
     }
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -81,7 +86,8 @@ def main() -> None:
     started = time.time()
     results: dict[str, Any] = {
         "command": _command(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "plan": plan, "setting": setting.to_dict(), "machine": machine(), "versions": versions(), "skipped": sorted(skip),
+        "plan": plan, "setting": setting.to_dict(), "machine": machine(), "versions": versions(),
+        "skipped": sorted(skip),
     }
     with tempfile.TemporaryDirectory() as tmp:
         init = str(Path(tmp) / "init.safetensors")
@@ -101,8 +107,8 @@ def main() -> None:
         _log("merge and generation")
         gen = plan["generation"]
         results["generation"] = _safe(lambda: run_child("benchmarks.generation", [
-            "--runs", str(gen["runs"]), "--warmup", str(gen["warmup"]), "--merge-runs", str(gen["merge_runs"]),
-            "--new-tokens", str(gen["new_tokens"])]))
+            "--runs", str(gen["runs"]), "--warmup", str(gen["warmup"]),
+            "--merge-runs", str(gen["merge_runs"]), "--new-tokens", str(gen["new_tokens"])]))
     # A skipped section keeps the figures of the run that measured it (each names its own command and date).
     earlier = _earlier_sections(Path(args.json))
     results["sections"] = {key: run_section(key, quick) if key not in skip else earlier[key]
@@ -144,7 +150,8 @@ def _training(setting: Setting, shape: dict[str, int], init: str, plan: dict[str
     for key, config in configs.items():
         _summarize(config)
         kind = "lora" if key.split("_")[0] in ("lorakit", "peft", "qlora") else key.split("_")[0]
-        config["flops"] = step_flops(shape, setting.batch, setting.seq, setting.r, kind, checkpointing=key.endswith("gc1"))
+        config["flops"] = step_flops(shape, setting.batch, setting.seq, setting.r, kind,
+                                     checkpointing=key.endswith("gc1"))
     rate = median([m["gflops"] for m in matmuls]) * 1e9
     for config in configs.values():
         if "median_seconds" in config:
@@ -161,16 +168,19 @@ def _live_peaks(setting: Setting, init: str) -> dict[str, Any]:
     _log(f"live peaks ({' '.join(f'{k}={v}' for k, v in LIVE_ENV.items())}; timings not used)")
     configs: dict[str, dict[str, Any]] = {}
     for lib, gc in PAIRS:
-        args = ["--lib", lib, "--gc", str(gc), "--init", init, "--warmup", "1", "--steps", "1", *setting.to_args()]
+        args = ["--lib", lib, "--gc", str(gc), "--init", init, "--warmup", "1", "--steps", "1",
+                *setting.to_args()]
         _run_config(configs, f"{lib}_gc{gc}", args, extra_env=LIVE_ENV)
     peaks = {key: config["runs"][0]["peak_rss"] for key, config in configs.items() if config["runs"]}
     return {"env": LIVE_ENV, "peak_rss": peaks,
-            "rss_after_load": {key: c["runs"][0]["rss_after_load"] for key, c in configs.items() if c["runs"]}}
+            "rss_after_load": {key: c["runs"][0]["rss_after_load"] for key, c in configs.items()
+                               if c["runs"]}}
 
 
 def _run_config(configs: dict[str, dict[str, Any]], key: str, args: list[str],
                 extra_env: dict[str, str] | None = None) -> None:
-    _log(f"  {key}: python -m benchmarks.training {' '.join(a for a in args if not a.endswith('.safetensors'))}")
+    _log(f"  {key}: python -m benchmarks.training "
+         f"{' '.join(a for a in args if not a.endswith('.safetensors'))}")
     config = configs.setdefault(key, {"runs": [], "errors": []})
     try:
         run = run_child("benchmarks.training", args, extra_env=extra_env)
@@ -194,7 +204,8 @@ def _summarize(config: dict[str, Any]) -> None:
     config.update(
         median_seconds=seconds, tokens_per_s=setting["batch"] * setting["seq"] / seconds,
         per_round_seconds=[median([s["seconds"] for s in run["steps"] if not s["warmup"]]) for run in runs],
-        parts={part: median([s[part] for s in steps]) for part in ("forward", "backward", "optimizer") if part in steps[0]},
+        parts={part: median([s[part] for s in steps]) for part in ("forward", "backward", "optimizer")
+               if part in steps[0]},
         peak_rss=median([run["peak_rss"] for run in runs]),
         rss_after_load=median([run["rss_after_load"] for run in runs]),
         peak_rss_after_load=median([run["peak_rss_after_load"] for run in runs]),
@@ -238,7 +249,8 @@ def _only(args: argparse.Namespace) -> None:
     keys = [key.strip() for key in args.only.split(",") if key.strip()]
     unknown = [key for key in keys if key != "cuda" and key not in SECTIONS]
     if unknown:
-        raise SystemExit(f"--only: unknown section(s) {', '.join(unknown)}; choose from cuda, {', '.join(SECTIONS)}")
+        raise SystemExit(f"--only: unknown section(s) {', '.join(unknown)}; "
+                         f"choose from cuda, {', '.join(SECTIONS)}")
     results = json.loads(Path(args.json).read_text())
     results.pop("per_row", None)  # the layout before sections existed
     sections = results.setdefault("sections", {})
@@ -258,8 +270,8 @@ def _cuda(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, Any]:
     """The same lorakit/PEFT comparison on a random ~1B Llama in bf16, when there is a GPU."""
     if args.cuda_device.startswith("cuda") and not torch.cuda.is_available():
         return {"skipped": "torch.cuda.is_available() is False on this machine (torch "
-                           f"{torch.__version__}); on a machine with a GPU, `python -m benchmarks.run --only cuda` runs this "
-                           "section alone"}
+                           f"{torch.__version__}); on a machine with a GPU, "
+                           "`python -m benchmarks.run --only cuda` runs this section alone"}
     _log(f"CUDA section: {args.cuda_model} on {args.cuda_device}")
     setting = Setting(model=args.cuda_model, device=args.cuda_device, dtype=args.cuda_dtype,
                       batch=args.cuda_batch, seq=args.cuda_seq)
@@ -267,7 +279,8 @@ def _cuda(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, Any]:
     configs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         init = str(Path(tmp) / "init.safetensors")
-        prepared = _safe(lambda: run_child("benchmarks.training", ["--mode", "prepare", "--init", init, *setting.to_args()]))
+        prepared = _safe(lambda: run_child("benchmarks.training",
+                                           ["--mode", "prepare", "--init", init, *setting.to_args()]))
         if "error" in prepared:
             return {"setting": setting.to_dict(), **prepared}
         common = ["--warmup", str(warmup), "--steps", str(steps), "--init", init, *setting.to_args()]
@@ -284,7 +297,8 @@ def _cuda(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, Any]:
         if "median_seconds" in config and peak and setting.dtype == "bfloat16":
             config["mfu"] = config["flops"]["model_total"] / config["median_seconds"] / peak
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "setting": setting.to_dict(), "model": prepared, "device_name": device_name, "bf16_peak_flops": peak,
+            "setting": setting.to_dict(), "model": prepared, "device_name": device_name,
+            "bf16_peak_flops": peak,
             "warmup": warmup, "steps": steps, "configs": configs}
 
 

@@ -30,10 +30,12 @@ class Section:
 SECTIONS = {
     "step_profile": Section("Where a training step's time goes (torch.profiler)", "benchmarks.step_profile",
                             quick_args=("--batch", "1", "--seq", "64")),
-    "per_row": Section("Per-row adapters (decode shape)", "benchmarks.per_row", quick_args=("--runs", "3", "--warmup", "1")),
+    "per_row": Section("Per-row adapters (decode shape)", "benchmarks.per_row",
+                       quick_args=("--runs", "3", "--warmup", "1")),
     "serve_load": Section("Serving: a load run against lorakit serve", "benchmarks.serve_load",
                           quick_args=("--requests", "48", "--clients", "16")),
-    "variants": Section("DoRA step and PiSSA init", "benchmarks.variants", quick_args=("--steps", "2", "--seq", "128")),
+    "variants": Section("DoRA step and PiSSA init", "benchmarks.variants",
+                        quick_args=("--steps", "2", "--seq", "128")),
     "distributed": Section("Several processes: DDP and FSDP2", "benchmarks.distributed",
                            quick_args=("--steps", "2", "--section", "cpu")),
 }
@@ -66,8 +68,9 @@ def render_sections(sections: dict[str, dict[str, Any]]) -> str:
             continue
         busy = record["load_average_start"] > 0.5 * (record["logical_cpus"] or 1)
         lines = [f"## {section.title}", "",
-                 f"From `{record['command']}` on {record['date']} ({record['seconds'] / 60:.1f} min; load average "
-                 f"{record['load_average_start']:.1f} at its start{', a busy machine: timings less reliable' if busy else ''}"
+                 f"From `{record['command']}` on {record['date']} ({record['seconds'] / 60:.1f} min; "
+                 f"load average {record['load_average_start']:.1f} at its start"
+                 f"{', a busy machine: timings less reliable' if busy else ''}"
                  f"{'; quick mode' if record['quick'] else ''}), quoted as it printed:", ""]
         lines.append(f"Failed: `{record['error'][-500:]}`" if "error" in record else record["text"].strip())
         parts.append("\n".join(lines) + "\n")

@@ -44,7 +44,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["default", "random"], default="default",
-                        help="random: a 2-layer Llama of the default model's widths, to try the script quickly")
+                        help="random: a 2-layer Llama of the default model's widths, to try the script "
+                             "quickly")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--adapters", type=int, default=8)
@@ -71,20 +72,25 @@ def main() -> None:
     peft_same = sum(peft_answers[p] == expected[p] for p in pairs)
     rows = {"lorakit serve (continuous batching, per-row adapters)": served,
             "one at a time (set_adapter + generate)": alone, "PEFT request by request": peft}
-    print(f"Load run: {args.requests} requests from {args.clients} concurrent clients over {args.adapters} adapters "
-          f"(r=16, all 7 linear kinds), greedy, {args.max_tokens} new tokens at most, --max-batch {args.max_batch}; "
-          f"{'the default model (SmolLM2-135M)' if args.model == 'default' else 'a 2-layer random Llama'}, fp32.\n")
+    print(f"Load run: {args.requests} requests from {args.clients} concurrent clients over {args.adapters} "
+          f"adapters (r=16, all 7 linear kinds), greedy, {args.max_tokens} new tokens at most, "
+          f"--max-batch {args.max_batch}; "
+          f"{'the default model (SmolLM2-135M)' if args.model == 'default' else 'a 2-layer random Llama'}, "
+          "fp32.\n")
     print("| way | requests | tokens/s | p50 latency s | p95 latency s | vs one at a time |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, row in rows.items():
-        print(f"| {label} | {row['requests']} | {row['tokens_per_s']:.1f} | {row['p50_s']:.2f} | {row['p95_s']:.2f} | "
-              f"{row['tokens_per_s'] / alone['tokens_per_s']:.2f}x |")
+        print(f"| {label} | {row['requests']} | {row['tokens_per_s']:.1f} | {row['p50_s']:.2f} | "
+              f"{row['p95_s']:.2f} | {row['tokens_per_s'] / alone['tokens_per_s']:.2f}x |")
     speedup = served["tokens_per_s"] / alone["tokens_per_s"]
-    print(f"\nTarget >= 4x the tokens/s of one at a time: {speedup:.2f}x ({'met' if speedup >= 4 else 'NOT met'}).")
-    print(f"Answers: {args.requests - len(wrong) - served['errors']} of {args.requests} equal the one-at-a-time "
-          f"answer, {served['errors']} errors; PEFT gives the same answer for {peft_same} of {len(pairs)} pairs.")
-    print(f"Memory: peak RSS {served['rss_before_mb']:.0f} MB before the load run, {served['rss_peak_mb']:.0f} MB "
-          f"at most during it (KV cache bounded by --max-batch {args.max_batch} rows).")
+    print(f"\nTarget >= 4x the tokens/s of one at a time: {speedup:.2f}x "
+          f"({'met' if speedup >= 4 else 'NOT met'}).")
+    print(f"Answers: {args.requests - len(wrong) - served['errors']} of {args.requests} equal the "
+          f"one-at-a-time answer, {served['errors']} errors; PEFT gives the same answer for {peft_same} of "
+          f"{len(pairs)} pairs.")
+    print(f"Memory: peak RSS {served['rss_before_mb']:.0f} MB before the load run, "
+          f"{served['rss_peak_mb']:.0f} MB at most during it (KV cache bounded by --max-batch "
+          f"{args.max_batch} rows).")
     print(f"Machine: {cpu_model()}, torch {torch.__version__} ({torch.get_num_threads()} threads).")
     if args.json:
         args.json.write_text(json.dumps(dict(setting={k: str(v) for k, v in vars(args).items()}, ways=rows,
@@ -204,7 +210,8 @@ def load_run(base: Any, tokenizer: Any, names: list[str], folder: str, jobs: lis
 def _figures(requests: int, tokens: int, wall: float, latencies: list[float]) -> dict[str, Any]:
     ordered = sorted(latencies) or [float("nan")]
     return dict(requests=requests, tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
-                p50_s=statistics.median(ordered), p95_s=ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))])
+                p50_s=statistics.median(ordered),
+                p95_s=ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))])
 
 
 def _rss_mb() -> float:

@@ -45,7 +45,8 @@ from benchmarks.training import attach, timed_step
 
 KINDS = ("matmul, frozen base", "matmul, output head", "matmul, adapters", "attention", "dropout masks",
          "optimizer", "everything else")
-MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
+MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul",
+           "aten::linear"}
 MASK_OPS = {"aten::random_", "aten::bernoulli_", "aten::rand", "aten::uniform_", "aten::ge", "aten::lt"}
 
 
@@ -139,14 +140,17 @@ def render(results: list[dict[str, Any]]) -> str:
 
     for kind in KINDS:
         lines.append(f"| {kind} | " + " | ".join(cell(r, kind) for r in results) + " |")
-    lines.append("| profiled ops, sum | " + " | ".join(f"{sum(r['seconds'].values()):.2f}" for r in results) + " |")
-    lines.append("| step, wall clock (under the profiler) | " + " | ".join(f"{r['wall']:.2f}" for r in results) + " |")
+    lines.append("| profiled ops, sum | "
+                 + " | ".join(f"{sum(r['seconds'].values()):.2f}" for r in results) + " |")
+    lines.append("| step, wall clock (under the profiler) | "
+                 + " | ".join(f"{r['wall']:.2f}" for r in results) + " |")
     by_lib = {r["lib"]: r for r in results}
     if "lorakit" in by_lib and "peft" in by_lib:
         ours, theirs = by_lib["lorakit"], by_lib["peft"]
-        base_work = sum(ours["seconds"][k] for k in ("matmul, frozen base", "matmul, output head", "attention"))
-        lines += ["", f"lorakit's frozen-base matmuls, output head and attention alone: {base_work:.2f} s; 1.5x PEFT's "
-                      f"step would be {theirs['wall'] / 1.5:.2f} s, leaving "
+        base_work = sum(ours["seconds"][k]
+                        for k in ("matmul, frozen base", "matmul, output head", "attention"))
+        lines += ["", f"lorakit's frozen-base matmuls, output head and attention alone: {base_work:.2f} s; "
+                      f"1.5x PEFT's step would be {theirs['wall'] / 1.5:.2f} s, leaving "
                       f"{theirs['wall'] / 1.5 - base_work:+.2f} s for the adapters' matmuls "
                       f"({ours['seconds']['matmul, adapters']:.2f} s here), the masks, the elementwise work "
                       f"({ours['seconds']['everything else']:.2f} s) and AdamW."]
@@ -168,7 +172,8 @@ def main() -> None:
     unknown = [lib for lib in libs if lib not in ("lorakit", "peft", "base")]
     if unknown:
         parser.error(f"--libs: unknown {', '.join(unknown)}; choose from lorakit, peft, base")
-    results = [run_child("benchmarks.step_profile", ["--child", lib, "--warmup", str(args.warmup), *setting.to_args()])
+    results = [run_child("benchmarks.step_profile",
+                         ["--child", lib, "--warmup", str(args.warmup), *setting.to_args()])
                for lib in libs]
     print(f"Setting: {setting.to_dict()}; {results[0]['threads']} threads; one profiled step after "
           f"{args.warmup} warm-up step(s), each configuration in its own process.\n")

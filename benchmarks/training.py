@@ -76,7 +76,8 @@ def main() -> None:
 
 
 def prepare(setting: Setting, path: str) -> dict[str, Any]:
-    """Write lorakit's fresh adapter for this setting to `path` (safetensors), to start both libraries from."""
+    """Write lorakit's fresh adapter for this setting to `path` (safetensors), to start both
+    libraries from."""
     from safetensors.torch import save_file
 
     model = build_model(setting)
@@ -97,7 +98,8 @@ def train(setting: Setting, lib: str, checkpointing: bool, quant: str, warmup: i
     result: dict[str, Any] = {"lib": lib, "gc": checkpointing, "quant": quant, "setting": setting.to_dict(),
                               "threads": torch.get_num_threads(), "rss_after_load_untouched": rss_bytes()}
     touch(model)  # the weights are a memory map of the file: make them resident, so "after load" means it
-    result.update(rss_after_load=rss_bytes(), peak_rss_after_load=peak_rss_bytes(), base_bytes=tensor_bytes(model))
+    result.update(rss_after_load=rss_bytes(), peak_rss_after_load=peak_rss_bytes(),
+                  base_bytes=tensor_bytes(model))
     if quant == "nf4":
         result.update(_quantize(model))
     model = attach(model, setting, lib)
@@ -191,7 +193,8 @@ def _check_grads(model: nn.Module) -> None:
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     if missing:
         raise RuntimeError(f"{len(missing)} trainable tensors got no gradient, e.g. {missing[:3]}")
-    b_norm = sum(float(p.grad.norm()) for n, p in model.named_parameters() if ".lora_B." in n and p.grad is not None)
+    b_norm = sum(float(p.grad.norm()) for n, p in model.named_parameters()
+                 if ".lora_B." in n and p.grad is not None)
     if not b_norm > 0:
         raise RuntimeError("all lora_B gradients are zero after the first backward")
 

@@ -43,9 +43,10 @@ TARGET = 0.9
 def one_run(variant: str, steps: int, every: int, work: Path, limit: int | None) -> dict[str, Any]:
     torch.manual_seed(0)
     model, tokenizer = load_model("default")
-    config = TrainConfig(data=str(DATA / "train.jsonl"), output_dir=str(work / variant), r=16, alpha=32, dropout=0.0,
-                         learning_rate=2e-3, warmup_steps=5, max_steps=steps, batch_size=16, max_length=96, seed=0,
-                         save_every=every, keep_last=steps, progress=False, **VARIANTS[variant])
+    config = TrainConfig(data=str(DATA / "train.jsonl"), output_dir=str(work / variant), r=16, alpha=32,
+                         dropout=0.0, learning_rate=2e-3, warmup_steps=5, max_steps=steps, batch_size=16,
+                         max_length=96, seed=0, save_every=every, keep_last=steps, progress=False,
+                         **VARIANTS[variant])
     started = time.perf_counter()
     result = train(config, model, tokenizer)
     seconds = time.perf_counter() - started
@@ -65,7 +66,8 @@ def one_run(variant: str, steps: int, every: int, work: Path, limit: int | None)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=10)
@@ -80,11 +82,12 @@ def main(argv: list[str] | None = None) -> None:
         for variant in args.variants.split(","):
             runs.append(one_run(variant, args.steps, args.every, Path(work), args.eval_limit))
     info = machine()
-    print(f"\nMachine: {info.get('cpu', '?')}, torch {torch.__version__}; demo task, {args.steps} steps of batch 16, "
-          f"scored every {args.every} steps on {runs[0]['n']} held-out dates\n")
+    print(f"\nMachine: {info.get('cpu', '?')}, torch {torch.__version__}; demo task, {args.steps} steps "
+          f"of batch 16, scored every {args.every} steps on {runs[0]['n']} held-out dates\n")
     print(table(runs))
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "steps": args.steps, "every": args.every, "runs": runs},
+        args.json.write_text(json.dumps({"machine": info, "steps": args.steps, "every": args.every,
+                                         "runs": runs},
                                         indent=1) + "\n")
 
 

@@ -59,7 +59,8 @@ def adapted(base: nn.Module, name: str, setting: Setting) -> nn.Module:
     return peft.get_peft_model(model, config)  # type: ignore[return-value]
 
 
-def step(model: nn.Module, name: str, ids: torch.Tensor, optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+def step(model: nn.Module, name: str, ids: torch.Tensor,
+         optimizer: torch.optim.Optimizer) -> tuple[float, float]:
     """(seconds, loss) of one training step: forward with the loss, backward, optimizer step."""
     start = time.perf_counter()
     if name.startswith("lorakit"):
@@ -109,7 +110,8 @@ def pissa_init_times(setting: Setting, repeats: int) -> dict[str, dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--init-repeats", type=int, default=2)
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     inits = pissa_init_times(setting, args.init_repeats)
     info = machine()
     print(f"\nMachine: {info.get('cpu', '?')}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"model {setting.model}, batch {setting.batch} x {setting.seq}, r={setting.r}, dropout {setting.dropout}; "
+          f"model {setting.model}, batch {setting.batch} x {setting.seq}, r={setting.r}, "
+          f"dropout {setting.dropout}; "
           f"median of {args.steps} steps after {args.warmup} warm-up, the four models in turns\n")
     print(step_table(steps))
     print()

@@ -49,7 +49,8 @@ def year_words(year: int) -> str:
     if 2000 < year < 2010:
         return f"two thousand and {ONES[year - 2000]}"
     century, rest = divmod(year, 100)
-    return f"{cardinal(century)} {cardinal(rest) if rest >= 10 else 'oh-' + ONES[rest] if rest else 'hundred'}"
+    return (f"{cardinal(century)} "
+            f"{cardinal(rest) if rest >= 10 else 'oh-' + ONES[rest] if rest else 'hundred'}")
 
 
 def spelled(day: date, rng: random.Random) -> str:
