@@ -14,7 +14,8 @@ TIMES = ("median_seconds", "roofline_seconds")
 
 def slowed(value, factor):
     if isinstance(value, dict):
-        return {k: v * factor if k in TIMES and isinstance(v, float) else slowed(v, factor) for k, v in value.items()}
+        return {k: v * factor if k in TIMES and isinstance(v, float) else slowed(v, factor)
+                for k, v in value.items()}
     if isinstance(value, list):
         return [slowed(v, factor) for v in value]
     return value
@@ -37,7 +38,8 @@ def test_the_cuda_targets_are_judged_from_the_cuda_run():
     results = json.loads(RESULTS.read_text())
     config = {"tokens_per_s": 1000.0, "cuda_peak_allocated": 8 * 2**30, "median_seconds": 8.0}
     results["cuda"] = {"device_name": "NVIDIA H200", "configs": {
-        "lorakit_gc0": {**config, "tokens_per_s": 2100.0, "cuda_peak_allocated": 5 * 2**30}, "peft_gc0": config}}
+        "lorakit_gc0": {**config, "tokens_per_s": 2100.0, "cuda_peak_allocated": 5 * 2**30},
+        "peft_gc0": config}}
     rows = {row["measure"]: row for row in summary_rows(results)}
     speed = rows["CUDA training throughput, NVIDIA H200 (tokens/s)"]
     memory = rows["CUDA peak memory, NVIDIA H200 (max_memory_allocated)"]
@@ -50,7 +52,8 @@ def test_the_cuda_targets_are_judged_from_the_cuda_run():
 def test_a_machine_without_a_gpu_keeps_the_figures_a_gpu_measured():
     from benchmarks.run import kept_cuda_section
 
-    measured = {"date": "2026-12-01T10:00:00+00:00", "device_name": "NVIDIA H200", "configs": {"lorakit_gc0": {}}}
+    measured = {"date": "2026-12-01T10:00:00+00:00", "device_name": "NVIDIA H200",
+                "configs": {"lorakit_gc0": {}}}
     skipped = {"skipped": "torch.cuda.is_available() is False on this machine"}
     assert kept_cuda_section(skipped, measured) is measured
     assert kept_cuda_section(skipped, {}) is skipped

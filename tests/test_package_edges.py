@@ -22,7 +22,8 @@ ALLOWED: dict[str, set[str]] = {
     "gguf": {"core", "formats", "hf"},
     "serve": {"core", "formats", "hf"},
     "train": {"core", "data", "estimate", "formats", "fusion", "hf", "kernels", "quant"},
-    "cli": {"core", "data", "estimate", "formats", "fusion", "gguf", "hf", "kernels", "quant", "serve", "train"},
+    "cli": {"core", "data", "estimate", "formats", "fusion", "gguf", "hf", "kernels", "quant", "serve",
+            "train"},
     "lorakit": {"core", "formats", "fusion", "kernels", "hf"},
     "__main__": {"cli"},
 }

@@ -36,7 +36,8 @@ def test_train_writes_adapter_metrics_and_plot(trained, capsys):
 def test_yaml_config_with_flag_override(model_dir, tmp_path):
     data = write_data(tmp_path)
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"model": str(model_dir), "data": str(data), "output_dir": str(tmp_path / "o"),
+    config.write_text(yaml.safe_dump({"model": str(model_dir), "data": str(data),
+                                      "output_dir": str(tmp_path / "o"),
                                       "max_steps": 50, "r": 2, "batch_size": 4, "progress": False}))
     assert main(["train", "--config", str(config), "--max-steps", "2"]) == 0
     steps = (tmp_path / "o" / "metrics.jsonl").read_text().count('"kind": "train"')
@@ -70,7 +71,8 @@ def test_inspect_eval_generate_and_merge(trained, model_dir, tmp_path, capsys):
 
 
 def test_estimate_reproduces_reference_counts(capsys):
-    assert main(["estimate", "--model", "llama-3.1-8b", "--r", "16", "--targets", "q_proj,k_proj,v_proj,o_proj"]) == 0
+    assert main(["estimate", "--model", "llama-3.1-8b", "--r", "16",
+                 "--targets", "q_proj,k_proj,v_proj,o_proj"]) == 0
     assert "trainable params: 13,631,488" in capsys.readouterr().out
     assert main(["estimate", "--model", "gpt3-175b", "--r", "8", "--targets", "q_proj,v_proj"]) == 0
     assert "trainable params: 37,748,736" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""The command line as a hostile user tries it: each bad input is one clear line, each odd one does what it says."""
+"""The command line as a hostile user tries it: each bad input is one clear line, each odd one does
+what it says."""
 
 import io
 import json
@@ -29,8 +30,8 @@ def error_line(capsys) -> str:
 
 
 def train_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out), "--max-steps", "2",
-            "--r", "2", "--batch-size", "4", "--no-progress", *extra]
+    return ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out),
+            "--max-steps", "2", "--r", "2", "--batch-size", "4", "--no-progress", *extra]
 
 
 def test_one_target_name_works_as_a_one_item_list(model_dir, tmp_path):
@@ -63,8 +64,9 @@ def test_a_target_name_that_matches_nothing_is_named_by_train_and_estimate(model
 def test_yaml_numbers_written_as_text(model_dir, tmp_path, capsys):
     data = write_data(tmp_path)
     file = tmp_path / "run.yaml"
-    file.write_text(yaml.safe_dump({"data": str(data), "model": str(model_dir), "output_dir": str(tmp_path / "o"),
-                                    "max_steps": 1, "r": 2, "progress": False}) + "learning_rate: 2e-4\n")
+    file.write_text(yaml.safe_dump({"data": str(data), "model": str(model_dir),
+                                    "output_dir": str(tmp_path / "o"), "max_steps": 1, "r": 2,
+                                    "progress": False}) + "learning_rate: 2e-4\n")
     assert yaml.safe_load(file.read_text())["learning_rate"] == "2e-4"  # what PyYAML does
     assert main(["train", "--config", str(file)]) == 0
     lr = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])["lr"]
@@ -131,8 +133,8 @@ def test_settings_are_checked_before_any_slow_work(flag, value, expected, tmp_pa
     ("max_steps: true", "max_steps must be an integer >= 1 or None, got True")])
 def test_yaml_values_of_the_wrong_kind_are_named(line, expected, tmp_path, capsys):
     file = tmp_path / "run.yaml"
-    file.write_text(f"data: {write_data(tmp_path)}\nmodel: {tmp_path / 'no-model'}\noutput_dir: {tmp_path / 'out'}\n"
-                    f"{line}\n")
+    file.write_text(f"data: {write_data(tmp_path)}\nmodel: {tmp_path / 'no-model'}\n"
+                    f"output_dir: {tmp_path / 'out'}\n{line}\n")
     assert main(["train", "--config", str(file)]) == 1
     assert f"invalid training setting: {expected}" in error_line(capsys)
     assert not (tmp_path / "out").exists()
@@ -167,7 +169,8 @@ def test_help_shows_defaults(capsys):
 
 def test_load_model_is_exported_lazily():
     code = ("import sys, lorakit; assert 'transformers' not in sys.modules; "
-            "from lorakit import load_model; from lorakit.hf import load_model as hf_load; assert load_model is hf_load")
+            "from lorakit import load_model; from lorakit.hf import load_model as hf_load; "
+            "assert load_model is hf_load")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -176,12 +179,12 @@ def test_a_qlora_adapter_runs_on_its_4bit_base(model_dir, tmp_path, capsys):
     assert main(train_args(model_dir, data, tmp_path / "q", "--quantize", "nf4")) == 0
     adapter = str(tmp_path / "q" / "adapter")
     capsys.readouterr()
-    assert main(["eval", "--model", str(model_dir), "--adapter", adapter, "--quantize", "nf4", "--data", str(data),
-                 "--limit", "2", "--no-exact-match"]) == 0
+    assert main(["eval", "--model", str(model_dir), "--adapter", adapter, "--quantize", "nf4",
+                 "--data", str(data), "--limit", "2", "--no-exact-match"]) == 0
     assert "loss:" in capsys.readouterr().out
     # On the full-precision base: one warning line, naming the base it was trained on.
-    done = subprocess.run([sys.executable, "-m", "lorakit.cli.main", "eval", "--model", str(model_dir), "--adapter",
-                           adapter, "--data", str(data), "--limit", "2", "--no-exact-match"],
+    done = subprocess.run([sys.executable, "-m", "lorakit.cli.main", "eval", "--model", str(model_dir),
+                           "--adapter", adapter, "--data", str(data), "--limit", "2", "--no-exact-match"],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     warning = [line for line in done.stderr.splitlines() if "warning" in line]
@@ -239,8 +242,10 @@ def test_a_model_folder_without_a_tokenizer_says_so_in_one_line(model_dir, tmp_p
     folder.mkdir()
     for name in ("config.json", "model.safetensors"):
         (folder / name).write_bytes((model_dir / name).read_bytes())
-    assert main(["generate", "--model", str(folder), "--prompt", "hi"]) == 1  # was transformers' 5-line message
-    assert f"could not load a tokenizer from {folder}: it holds none of tokenizer.json, " in error_line(capsys)
+    assert main(["generate", "--model", str(folder),
+                 "--prompt", "hi"]) == 1  # was transformers' 5-line message
+    assert (f"could not load a tokenizer from {folder}: it holds none of tokenizer.json, "
+            in error_line(capsys))
 
 
 def test_chat_input_that_is_not_utf8_is_one_line(model_dir, monkeypatch, capsys):
@@ -269,10 +274,11 @@ def test_a_run_folder_with_only_checkpoints_points_at_their_adapters(tmp_path, c
 
 def test_generate_refuses_more_new_tokens_than_the_context_holds_as_serve_does(model_dir, capsys):
     # The tiny model has 128 positions; a rotary model decoded on past them until killed.
-    assert main(["generate", "--model", str(model_dir), "--raw", "--prompt", "one two", "--max-new-tokens", "200"]) == 1
+    assert main(["generate", "--model", str(model_dir), "--raw", "--prompt", "one two",
+                 "--max-new-tokens", "200"]) == 1
     line = error_line(capsys)
-    match = re.search(r"max_new_tokens=200 does not fit: the prompt is (\d+) tokens and the model's context is "
-                      r"128 tokens, so at most (\d+) can be generated", line)
+    match = re.search(r"max_new_tokens=200 does not fit: the prompt is (\d+) tokens and the model's "
+                      r"context is 128 tokens, so at most (\d+) can be generated", line)
     assert match, line
     prompt, room = int(match[1]), int(match[2])
     assert prompt + room == 128

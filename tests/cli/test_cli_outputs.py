@@ -1,4 +1,5 @@
-"""What the command line writes: a careless command never replaces finished work, and a bad output path is one line."""
+"""What the command line writes: a careless command never replaces finished work, and a bad output
+path is one line."""
 
 import pytest
 
@@ -34,7 +35,8 @@ def test_resume_from_a_damaged_checkpoint_names_it_and_the_one_before(file, mode
 
 @pytest.mark.parametrize("command", ["merge", "merge-gguf", "export"])
 def test_an_output_inside_a_file_is_refused_before_the_model_loads(command, tmp_path, capsys):
-    # The model does not exist: the output path must be refused first (it was "[Errno 17] File exists", after loading).
+    # The model does not exist: the output path must be refused first (it was "[Errno 17] File exists",
+    # after loading).
     file = write_data(tmp_path)
     output = file / ("out.gguf" if command != "merge" else "merged")
     args = {"merge": ["merge", "--model", str(tmp_path / "no-model"), "--adapter", str(tmp_path), "--output"],
@@ -63,4 +65,5 @@ def test_export_never_writes_over_a_file_that_is_not_a_gguf(model_dir, tmp_path,
         assert f"output {target} exists and is not a GGUF file" in error_line(capsys)
     assert all(file.read_bytes() == before for file, before in kept.items())
     assert main(["export", str(out), "--base", str(model_dir), "-o", str(tmp_path / "a.gguf")]) == 0
-    assert main(["export", str(out), "--base", str(model_dir), "-o", str(tmp_path / "a.gguf")]) == 0  # its own file
+    assert main(["export", str(out), "--base", str(model_dir),
+                 "-o", str(tmp_path / "a.gguf")]) == 0  # its own file

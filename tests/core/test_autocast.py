@@ -43,7 +43,8 @@ def compare(ours, theirs, leaves):
     for o, t in zip(ours, theirs, strict=True):
         assert_close_bf16(o, t)
     grads = [torch.randn_like(t) for t in theirs]
-    for g, w in zip(torch.autograd.grad(ours, leaves, grads), torch.autograd.grad(theirs, leaves, grads), strict=True):
+    for g, w in zip(torch.autograd.grad(ours, leaves, grads), torch.autograd.grad(theirs, leaves, grads),
+                    strict=True):
         assert g.dtype == w.dtype  # A's and B's gradients come back in their own dtype (fp32)
         assert_close_bf16(g, w)
 
@@ -79,7 +80,8 @@ def test_the_shared_input_linears_under_autocast(p):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_swiglu_with_lora_down_under_autocast(p):
     torch.manual_seed(0)
-    gate, up = (torch.randn(32, 96, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))  # as linears give
+    gate, up = (torch.randn(32, 96, dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2))  # as linears give
     weight, bias, a, b = factors(64, 8, 96)
     with bf16():
         torch.manual_seed(1)

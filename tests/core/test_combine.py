@@ -22,7 +22,8 @@ def three_adapters():
 
 
 def deltas(model, name):
-    return {layer.path: layer.delta_weight(name).detach() for layer in lora_layers(model) if name in layer.lora_A}
+    return {layer.path: layer.delta_weight(name).detach() for layer in lora_layers(model)
+            if name in layer.lora_A}
 
 
 def weighted_sum(model, weights):
@@ -68,7 +69,8 @@ def test_svd_full_rank_reproduces_and_truncation_reports_its_error():
 
     error = combine_adapters(model, weights, name="low", method="svd", svd_rank=1)
     low = deltas(model, "low")
-    actual = (sum(((low[p] - target[p]) ** 2).sum() for p in target) / sum((t ** 2).sum() for t in target.values()))
+    actual = (sum(((low[p] - target[p]) ** 2).sum() for p in target)
+              / sum((t ** 2).sum() for t in target.values()))
     assert 0.01 < error < 1 and error == pytest.approx(actual.sqrt().item(), rel=1e-3)
     assert model.model.layers[0].self_attn.q_proj.lora_A["low"].out_features == 1
     for path in target:  # each module's truncation is the best rank-1 approximation
@@ -88,7 +90,8 @@ def test_linear_is_exact_for_a_shared_a_and_needs_equal_ranks():
     weights = {"a": 0.25, "c": 0.75}
     assert combine_adapters(model, weights, name="ac", method="linear") < 1e-6
     assert_deltas_close(deltas(model, "ac"), weighted_sum(model, weights), atol=1e-5)
-    with pytest.raises(ValueError, match="'linear' needs adapters of the same rank.*'model.embed_tokens': 'a': r=2, 'b': not adapted"):
+    with pytest.raises(ValueError, match="'linear' needs adapters of the same rank.*'model.embed_tokens': "
+                                         "'a': r=2, 'b': not adapted"):
         combine_adapters(model, {"a": 0.5, "b": 0.5}, name="ab", method="linear")
 
 
@@ -110,7 +113,8 @@ def test_combine_errors_leave_the_model_alone():
         (dict(weights={"a": 1, "zz": 1}, name="n"), "unknown adapter 'zz'; adapters on this model: a, b, c"),
         (dict(weights={}, name="n"), "at least one adapter"),
         (dict(weights={"a": 1}, name="b"), "'b' already exists"),
-        (dict(weights={"a": 1}, name="n", method="ties"), "method must be one of cat, linear, svd, got 'ties'"),
+        (dict(weights={"a": 1}, name="n", method="ties"),
+         "method must be one of cat, linear, svd, got 'ties'"),
         (dict(weights={"a": 1}, name="n", method="svd", svd_rank=0), "svd_rank must be an integer >= 1"),
         (dict(weights={"a": 1, "c": -1}, name="n", method="linear"), "sum to 0"),
         (dict(weights={"a": float("nan")}, name="n"), "finite"),

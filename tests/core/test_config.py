@@ -26,8 +26,8 @@ def test_frozen():
         ({"alpha": 0}, "alpha must be a number > 0, got 0"),
         ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
         ({"bias": "some"}, "bias must be one of none, all, lora_only, got 'some'"),
-        ({"init": "xavier"}, "init must be one of kaiming, gaussian, zeros, random, pissa, pissa_niter_N, olora "
-                         "(N an integer >= 1, e.g. pissa_niter_4), got 'xavier'"),
+        ({"init": "xavier"}, "init must be one of kaiming, gaussian, zeros, random, pissa, pissa_niter_N, "
+                         "olora (N an integer >= 1, e.g. pissa_niter_4), got 'xavier'"),
         ({"targets": "("}, "targets is not a valid regular expression"),
         ({"targets": []}, "targets must not be an empty list"),
         ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] must be an integer >= 1"),
@@ -44,8 +44,10 @@ def test_invalid_values_are_named(kwargs, fragment):
     "kwargs, fragment",
     [
         ({"targets": 5}, "targets must be a regular expression or a list of module names, got 5"),
-        ({"targets": b"q_proj"}, "targets must be a regular expression or a list of module names, got b'q_proj'"),
-        ({"targets": {"q_proj": 1}}, "targets must be a regular expression or a list of module names, got {'q_proj': 1}"),
+        ({"targets": b"q_proj"}, "targets must be a regular expression or a list of module names, "
+                                 "got b'q_proj'"),
+        ({"targets": {"q_proj": 1}}, "targets must be a regular expression or a list of module names, "
+                                     "got {'q_proj': 1}"),
         ({"exclude": 5}, "exclude must be a regular expression or a list of module names, got 5"),
         ({"modules_to_save": 5}, "modules_to_save must be a list of module names, got 5"),
         ({"modules_to_save": [1]}, "modules_to_save must be a list of module names, got (1,)"),
@@ -58,9 +60,10 @@ def test_invalid_values_are_named(kwargs, fragment):
         ({"layers": "0,1"}, "layers must be a list of non-negative block indices (e.g. [0, 1]), got '0,1'"),
         ({"rank_pattern": 5}, "rank_pattern must be a mapping of module-path regular expression to rank "
                               "(e.g. {'v_proj': 4}), got 5"),
-        ({"rank_pattern": [("v_proj", 4)]}, "rank_pattern must be a mapping of module-path regular expression"),
-        ({"alpha_pattern": None}, "alpha_pattern must be a mapping of module-path regular expression to alpha "
-                                  "(e.g. {'v_proj': 16}), got None"),
+        ({"rank_pattern": [("v_proj", 4)]},
+         "rank_pattern must be a mapping of module-path regular expression"),
+        ({"alpha_pattern": None}, "alpha_pattern must be a mapping of module-path regular expression to "
+                                  "alpha (e.g. {'v_proj': 16}), got None"),
         ({"rank_pattern": {1: 4}}, "rank_pattern keys must be regular expressions (text), got 1"),
         ({"alpha_pattern": {("q",): 4}}, "alpha_pattern keys must be regular expressions (text), got ('q',)"),
         ({"bias": None}, "bias must be one of none, all, lora_only, got None"),
@@ -95,8 +98,8 @@ def test_all_problems_reported_at_once():
 
 
 def test_patterns_and_rslora_scale():
-    config = LoraConfig(r=8, alpha=16, rank_pattern={"v_proj": 4}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2},
-                        use_rslora=True)
+    config = LoraConfig(r=8, alpha=16, rank_pattern={"v_proj": 4},
+                        alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2}, use_rslora=True)
     assert config.rank_for("model.layers.0.self_attn.v_proj") == 4
     assert config.rank_for("model.layers.0.self_attn.q_proj") == 8
     assert config.alpha_for("model.layers.1.self_attn.q_proj") == 2
@@ -111,4 +114,5 @@ def test_one_rule_matches_module_paths():
 
     assert path_matches(("lm_head",), "lm_head") and path_matches(("lm_head",), "model.lm_head")
     assert not path_matches(("lm_head",), "xlm_head") and not path_matches(("q_proj",), "q_proj.base")
-    assert path_matches(r".*\.0\.q_proj", "layers.0.q_proj") and not path_matches(r"q_proj", "layers.0.q_proj")
+    assert (path_matches(r".*\.0\.q_proj", "layers.0.q_proj")
+            and not path_matches(r"q_proj", "layers.0.q_proj"))

@@ -141,7 +141,8 @@ def reference(layer, x):
     return out
 
 
-@pytest.mark.parametrize(("path", "adapters"), [(FUSED, 1), (UPDATE, 1), (AUTOGRAD, 1), (UPDATE, 2), (AUTOGRAD, 2)])
+@pytest.mark.parametrize(("path", "adapters"),
+                         [(FUSED, 1), (UPDATE, 1), (AUTOGRAD, 1), (UPDATE, 2), (AUTOGRAD, 2)])
 def test_every_path_gives_the_plain_formulas_values_and_gradients(path, adapters, monkeypatch):
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(12, 7).double(), r=3, alpha=6)
@@ -157,15 +158,18 @@ def test_every_path_gives_the_plain_formulas_values_and_gradients(path, adapters
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     leaves = (x, *[f for n in layer.live_adapters() for f in layer.factors(n)])
     grad = torch.randn_like(ours)
-    for g, w in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(theirs, leaves, grad), strict=True):
+    for g, w in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(theirs, leaves, grad),
+                    strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
 def test_the_path_follows_dtypes_and_autocast():
     layer = LoraLinear(nn.Linear(8, 4), r=2)
     assert paths.path_for(layer, torch.float32, autocast=False) == FUSED
-    assert paths.path_for(layer, torch.float32, autocast=True) == FUSED  # the function casts to autocast's dtype
-    assert paths.path_for(layer, torch.bfloat16, autocast=False) == AUTOGRAD  # fp32 adapters beside a bf16 input
+    # the function casts to autocast's dtype
+    assert paths.path_for(layer, torch.float32, autocast=True) == FUSED
+    # fp32 adapters beside a bf16 input
+    assert paths.path_for(layer, torch.bfloat16, autocast=False) == AUTOGRAD
     layer.base.bias.requires_grad_(True)
     assert paths.path_for(layer, torch.float32, autocast=False) == UPDATE
 
@@ -173,7 +177,8 @@ def test_the_path_follows_dtypes_and_autocast():
 def masks_drawn(monkeypatch, model):
     drawn = []
     original = lora_function.draw_keep_mask
-    monkeypatch.setattr(lora_function, "draw_keep_mask", lambda x, p: drawn.append(original(x, p)) or drawn[-1])
+    monkeypatch.setattr(lora_function, "draw_keep_mask",
+                        lambda x, p: drawn.append(original(x, p)) or drawn[-1])
     model.train()
     model(input_ids=tokens())
     return drawn
@@ -206,7 +211,8 @@ def test_modules_sharing_a_mask_still_share_it_when_the_input_is_fed_again(monke
     ids = tokens()
     drawn = []
     original = lora_function.draw_keep_mask
-    monkeypatch.setattr(lora_function, "draw_keep_mask", lambda x, p: drawn.append(original(x, p)) or drawn[-1])
+    monkeypatch.setattr(lora_function, "draw_keep_mask",
+                        lambda x, p: drawn.append(original(x, p)) or drawn[-1])
     model.train()
     model(input_ids=ids)
     model(input_ids=ids)
@@ -219,7 +225,8 @@ def test_the_setting_is_validated():
 
 
 def test_nothing_is_left_behind_in_the_process():
-    assert not [name for name, value in vars(lora_function).items() if isinstance(value, dict) and name.isupper()]
+    assert not [name for name, value in vars(lora_function).items()
+                if isinstance(value, dict) and name.isupper()]
 
 
 def test_two_threads_give_the_sequential_results():

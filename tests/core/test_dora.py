@@ -44,7 +44,8 @@ def dora_linear(base=None, r=3, alpha=6.0, dropout=0.0):
     layer.add("default", r, alpha / r, dropout, init="random", use_dora=True)
     layer.set_active(["default"])
     with torch.no_grad():
-        layer.magnitude("default").weight.mul_(torch.linspace(0.5, 1.5, layer.out_features, dtype=torch.float64))
+        layer.magnitude("default").weight.mul_(torch.linspace(0.5, 1.5, layer.out_features,
+                                                              dtype=torch.float64))
     return layer
 
 
@@ -62,7 +63,8 @@ def assert_values_and_gradients(layer, x, expected_path, masks=None, tol=1e-12):
 @pytest.mark.parametrize("path", [UPDATE, AUTOGRAD])
 def test_every_path_gives_the_float64_formulas_values_and_gradients(path, monkeypatch):
     layer = dora_linear()
-    assert paths.path_for(layer, torch.float64, False) == UPDATE  # DoRA is never the fused plain-LoRA function
+    # DoRA is never the fused plain-LoRA function
+    assert paths.path_for(layer, torch.float64, False) == UPDATE
     monkeypatch.setattr(paths, "path_for", lambda layer, dtype, autocast: path)  # force the path under test
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     assert_values_and_gradients(layer, x, path)
@@ -102,7 +104,8 @@ def test_conv1d_base():
 def test_dropout_reaches_the_update_term_only(monkeypatch):
     masks = []
     original = lora_function.draw_keep_mask
-    monkeypatch.setattr(lora_function, "draw_keep_mask", lambda x, p: masks.append(original(x, p)) or masks[-1])
+    monkeypatch.setattr(lora_function, "draw_keep_mask",
+                        lambda x, p: masks.append(original(x, p)) or masks[-1])
     layer = dora_linear(dropout=0.5)
     layer.train()
     x = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
@@ -139,7 +142,8 @@ def test_merge_and_unmerge_are_exact():
     model = trained_dora_model()
     ids = tokens()
     expected = logits(model, ids)
-    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n or ".base." in n}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()
+               if "base_layer" in n or ".base." in n}
     merge(model)
     merge(model)  # twice is once
     torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)
@@ -226,8 +230,8 @@ def test_dora_training_learns():
 
 def test_dora_on_an_embedding_is_refused_before_any_change():
     model = tiny_llama()
-    with pytest.raises(ValueError, match=r"DoRA \(use_dora\) works on linear layers .* not on the embedding\(s\) "
-                                         r"model.embed_tokens"):
+    with pytest.raises(ValueError, match=r"DoRA \(use_dora\) works on linear layers .* not on the "
+                                         r"embedding\(s\) model.embed_tokens"):
         add_adapter(model, LoraConfig(r=2, targets=["q_proj", "embed_tokens"], use_dora=True))
     assert lorakit.list_adapters(model) == []
     assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
@@ -239,7 +243,8 @@ def test_combine_and_per_row_refuse_dora_adapters():
     with pytest.raises(ValueError, match=r"adapters \['default'\] use DoRA"):
         combine_adapters(model, {"default": 0.5, "plain": 0.5}, "mix")
     assert "mix" not in lorakit.list_adapters(model)
-    with pytest.raises(ValueError, match=r"adapter\(s\) 'default' use DoRA, which per-row adapters do not support"):
+    with pytest.raises(ValueError, match=r"adapter\(s\) 'default' use DoRA, which per-row adapters "
+                                         r"do not support"):
         with lorakit.adapters_per_row(model, ["default", "plain"]):
             model(input_ids=tokens())
     with lorakit.adapters_per_row(model, ["plain", None]):  # plain rows still work

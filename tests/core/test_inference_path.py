@@ -65,7 +65,8 @@ def test_other_cases_fall_back_to_the_general_paths():
         layer.set_active(["default", "second"])
         torch.nn.init.normal_(layer.factors("second")[1])
         assert dispatch.inference(layer, x) is None  # two live adapters
-        torch.testing.assert_close(layer(x).double(), formula(layer, x, ["default", "second"]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x).double(), formula(layer, x, ["default", "second"]),
+                                   rtol=1e-5, atol=1e-5)
         layer.set_active(["default"])
         assert dispatch.inference(layer, x.double()) is None  # x in another dtype than W, A and B
         with torch.autocast("cpu", torch.bfloat16):
@@ -82,7 +83,8 @@ def test_a_16_bit_layer_runs_in_its_dtype():
     layer = one_layer(dtype=torch.bfloat16).eval()
     x = torch.randn(3, 12, dtype=torch.bfloat16)
     with torch.no_grad():
-        assert dispatch.inference(layer, x) is None  # fp32 adapters beside a 16-bit base: the autograd path's casts
+        # fp32 adapters beside a 16-bit base: the autograd path's casts
+        assert dispatch.inference(layer, x) is None
         layer.to(torch.bfloat16)
         assert dispatch.inference(layer, x) is not None
         out = layer(x)

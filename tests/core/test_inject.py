@@ -126,8 +126,8 @@ def test_second_adapter_keeps_the_first():
 def test_trainable_count_llama_8b_on_meta_device():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256)
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     add_adapter(model, LoraConfig(r=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"]))

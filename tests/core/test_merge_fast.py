@@ -26,7 +26,8 @@ def test_merge_matches_float64_formula_on_every_layout():
     randomize_adapters(model)
     linear = LoraLinear(nn.Linear(24, 40), r=3, alpha=5)  # a plain (out x in) linear
     randomize_adapters(linear)
-    layers = [linear, model.transformer.h[0].attn.c_attn, model.transformer.h[1].mlp.c_fc, model.transformer.wpe]
+    layers = [linear, model.transformer.h[0].attn.c_attn, model.transformer.h[1].mlp.c_fc,
+              model.transformer.wpe]
     assert {type(layer) for layer in layers} == {LoraLinear, LoraEmbedding}
     expected = [reference_merged(layer) for layer in layers]
     originals = [layer.base.weight.detach().clone() for layer in layers]

@@ -104,7 +104,8 @@ def test_a_registered_kind_goes_through_add_save_and_load(mix_kind, tmp_path):
     tensors = load_file(tmp_path / "mix" / "adapter_model.safetensors")
     assert tensors["base_model.model.proj.lora_A.weight"].shape == (2, 6)  # PEFT's layout
     assert tensors["base_model.model.proj.lora_B.weight"].shape == (5, 2)
-    assert set(json.loads((tmp_path / "mix" / "adapter_config.json").read_text())["target_modules"]) >= {"proj"}
+    assert (set(json.loads((tmp_path / "mix" / "adapter_config.json").read_text())["target_modules"])
+            >= {"proj"})
 
     load_adapter(fresh, tmp_path / "mix")
     assert isinstance(fresh.proj, LoraMix)

@@ -39,8 +39,10 @@ def test_a_fresh_adapter_changes_nothing_and_the_base_holds_the_residual(init, b
     add_adapter(model, LoraConfig(r=4, alpha=8, init=init))
     torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)
     layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
-    key = [n for n, p in original.items() if p.shape == layer.base.weight.shape and n.startswith(layer.path)][0]
-    torch.testing.assert_close(layer.base.weight + layer.delta_weight("default"), original[key], rtol=0, atol=1e-6)
+    key = [n for n, p in original.items()
+           if p.shape == layer.base.weight.shape and n.startswith(layer.path)][0]
+    torch.testing.assert_close(layer.base.weight + layer.delta_weight("default"), original[key],
+                               rtol=0, atol=1e-6)
     assert not torch.allclose(layer.base.weight, original[key])
 
 
@@ -108,7 +110,8 @@ def test_without_conversion_the_config_says_it_needs_the_residual_base_and_a_pla
     train_a_little(model)
     save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == "pissa_niter_4"
-    with pytest.warns(UserWarning, match=r"init 'pissa_niter_4' on the residual base .* convert_to_lora=True"):
+    with pytest.warns(UserWarning, match=r"init 'pissa_niter_4' on the residual base .* "
+                                         r"convert_to_lora=True"):
         load_adapter(tiny_llama(), tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # back into its own residual model: no warning
@@ -117,8 +120,8 @@ def test_without_conversion_the_config_says_it_needs_the_residual_base_and_a_pla
 
 def test_convert_to_lora_without_initial_factors_is_a_clear_error(tmp_path):
     model = add_adapter(tiny_llama(), LoraConfig(r=4))
-    with pytest.raises(ValueError, match=r"convert_to_lora needs the initial factors A0, B0 of adapter 'default'.*"
-                                         r"its init: 'kaiming'"):
+    with pytest.raises(ValueError, match=r"convert_to_lora needs the initial factors A0, B0 of adapter "
+                                         r"'default'.*its init: 'kaiming'"):
         save_adapter(model, tmp_path / "out", convert_to_lora=True)
     assert not (tmp_path / "out").exists()
 
@@ -128,8 +131,8 @@ def test_a_4bit_base_is_refused_unless_requantization_is_allowed():
     ids = tokens()
     expected = logits(model, ids)
     codes = {n: b.clone() for n, b in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"init 'pissa' turns the base weight into the residual .* is 4-bit: pass "
-                                         r"allow_requantize=True"):
+    with pytest.raises(ValueError, match=r"init 'pissa' turns the base weight into the residual .* "
+                                         r"is 4-bit: pass allow_requantize=True"):
         add_adapter(model, LoraConfig(r=4, init="pissa"))
     assert lorakit.list_adapters(model) == []
     assert all(torch.equal(t, codes[n]) for n, t in model.state_dict().items())

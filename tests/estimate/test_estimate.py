@@ -101,7 +101,8 @@ def test_activation_formula_by_hand():
 @pytest.fixture(scope="module")
 def llama8b() -> dict[str, Estimate]:
     settings = dict(r=16, targets="q_proj,k_proj,v_proj,o_proj", batch_size=4, seq_len=2048)
-    return {"bf16": estimate("llama-3.1-8b", **settings), "fp32": estimate("llama-3.1-8b", dtype="fp32", **settings)}
+    return {"bf16": estimate("llama-3.1-8b", **settings),
+            "fp32": estimate("llama-3.1-8b", dtype="fp32", **settings)}
 
 
 def test_conventions_for_weights_gradients_and_optimizer(llama8b):
@@ -168,13 +169,15 @@ def test_bad_settings_are_all_listed():
     with pytest.raises(ValueError) as info:
         estimate("gpt2", batch_size=0, dtype="int8", quant="gptq")
     message = str(info.value)
-    for part in ("batch_size must be an integer >= 1, got 0", "dtype must be one of bf16, fp16, fp32, got 'int8'",
+    for part in ("batch_size must be an integer >= 1, got 0",
+                 "dtype must be one of bf16, fp16, fp32, got 'int8'",
                  "quant must be one of nf4 or None, got 'gptq'"):
         assert part in message
 
 
 def test_fsdp_per_device_memory_by_hand(llama8b):
-    """Llama-3.1-8B, LoRA r=16 on q,k,v,o, on 8 ranks: 1/8 of everything, the root unit and two layers whole."""
+    """Llama-3.1-8B, LoRA r=16 on q,k,v,o, on 8 ranks: 1/8 of everything, the root unit and two
+    layers whole."""
     hidden, kv, mlp, vocab, layers = 4096, 1024, 14336, 128_256, 32
     layer_base = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp + 2 * hidden  # + its two norms
     layer_adapter = 16 * (2 * (hidden + hidden) + 2 * (hidden + kv))
@@ -185,8 +188,10 @@ def test_fsdp_per_device_memory_by_hand(llama8b):
     one = llama8b["bf16"].memory[LORA]
     lora = fsdp.memory[LORA]
     assert lora.weights == -(-one.weights // 8) + 2 * root + 2 * (2 * layer_base + 4 * layer_adapter)
-    assert lora.gradients == one.gradients // 8 + 4 * layer_adapter  # a layer's whole gradients, reduce-scattered
-    assert lora.optimizer == one.optimizer // 8 and lora.activations == one.activations  # batch 4 on each rank
+    # a layer's whole gradients, reduce-scattered
+    assert lora.gradients == one.gradients // 8 + 4 * layer_adapter
+    # batch 4 on each rank
+    assert lora.optimizer == one.optimizer // 8 and lora.activations == one.activations
     qlora = fsdp.memory[QLORA]
     layer_nf4 = round((layer_base - 2 * hidden) * NF4_BITS / 8) + 2 * 2 * hidden + 4 * layer_adapter
     assert qlora.weights == -(-llama8b["bf16"].memory[QLORA].weights // 8) + 2 * root + 2 * layer_nf4
@@ -277,7 +282,8 @@ def test_estimate_for_model_counts_the_real_parameters():
     add_adapter(model, LoraConfig(r=4, targets="all-linear"))
     est = estimate_for_model(model, batch_size=2, seq_len=16)
     trainable, total = trainable_parameters(model)
-    assert (est.method, est.trainable_params, est.all_params, est.base_params) == (LORA, trainable, total, params)
+    assert ((est.method, est.trainable_params, est.all_params, est.base_params)
+            == (LORA, trainable, total, params))
     assert est.memory[LORA].gradients == 4 * trainable
     assert SUMMARY.match(est.summary())
     assert "LoRA 'default' r=4" in format_estimate(est)
@@ -286,7 +292,8 @@ def test_estimate_for_model_counts_the_real_parameters():
 def test_estimate_for_model_counts_fp32_adapter_copies_bigger_without_autocast():
     model = tiny_llama(hidden=64).to(torch.bfloat16)
     add_adapter(model, LoraConfig(r=4, targets="all-linear"))  # adapters in fp32 beside the bf16 base
-    plain, mixed = (estimate_for_model(model, 2, 16, autocast=a).memory[LORA].activations for a in (False, True))
+    plain, mixed = (estimate_for_model(model, 2, 16, autocast=a).memory[LORA].activations
+                    for a in (False, True))
     # Per token and layer, without autocast the adapters keep fp32 copies of 3 distinct inputs 64
     # wide (q/k/v share one, gate/up share one, o) and one 128 wide (down), and 7 x 4 A outputs
     # at 4 bytes; under autocast no copies, and the A outputs at 2 bytes.
@@ -353,7 +360,9 @@ def test_format_bytes():
 def test_estimate_command_gives_memory_per_device(capsys):
     from lorakit.cli.main import main
 
-    assert main(["estimate", "--model", "smollm2-135m", "--quant", "nf4", "--nproc", "2", "--distributed", "fsdp"]) == 0
+    assert main(["estimate", "--model", "smollm2-135m", "--quant", "nf4", "--nproc", "2",
+                 "--distributed", "fsdp"]) == 0
     assert "per device, 2 ranks, FSDP2" in capsys.readouterr().out
     assert main(["estimate", "--model", "smollm2-135m", "--distributed", "fsdp"]) == 1
-    assert capsys.readouterr().err.strip().endswith("distributed 'fsdp' shards over several devices: give nproc >= 2")
+    assert capsys.readouterr().err.strip().endswith("distributed 'fsdp' shards over several devices: "
+                                                    "give nproc >= 2")

@@ -50,9 +50,11 @@ def test_the_base_kind_is_recorded_and_a_match_loads_silently(tmp_path):
     trained = saved(tmp_path / "q", quantized=True)
     saved(tmp_path / "f", quantized=False)
     assert recorded(tmp_path / "q") == "nf4" and recorded(tmp_path / "f") == "none"
+    # the config is PEFT's, unchanged
     assert json.loads((tmp_path / "q" / "adapter_config.json").read_text()).keys() == \
-        json.loads((tmp_path / "f" / "adapter_config.json").read_text()).keys()  # the config is PEFT's, unchanged
-    assert "trained on   a 4-bit NF4 base (load the base with --quantize nf4)\n" in describe_adapter(tmp_path / "q")
+        json.loads((tmp_path / "f" / "adapter_config.json").read_text()).keys()
+    assert ("trained on   a 4-bit NF4 base (load the base with --quantize nf4)\n"
+            in describe_adapter(tmp_path / "q"))
     model = base(quantized=True)
     assert load_warnings(model, tmp_path / "q") == []
     assert torch.equal(logits(model, tokens()), logits(trained, tokens()))
@@ -114,9 +116,10 @@ def test_a_folder_without_an_adapter_hints_at_the_runs_adapter(tmp_path):
     for read in (lambda: load_adapter(tiny_llama(), run), lambda: describe_adapter(run)):
         with pytest.raises(FileNotFoundError) as err:
             read()
-        assert str(err.value) == (f"{run} is not an adapter folder: adapter_config.json is missing (an adapter "
-                                  "folder holds adapter_config.json and adapter_model.safetensors); "
-                                  f"{run} looks like a training run's folder, whose adapter is {run / 'adapter'}")
+        assert str(err.value) == (f"{run} is not an adapter folder: adapter_config.json is missing (an "
+                                  "adapter folder holds adapter_config.json and adapter_model.safetensors); "
+                                  f"{run} looks like a training run's folder, whose adapter is "
+                                  f"{run / 'adapter'}")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="is not an adapter folder: adapter_config.json is missing .*"
                                                 "adapter_model.safetensors\\)$"):

@@ -32,7 +32,8 @@ from tests.models import tiny_llama
 
 def dead_pid():
     """The PID of a process that has exited (and was reaped), so no process holds it now."""
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True)
     return int(child.stdout)
 
 
@@ -55,7 +56,8 @@ def test_stale_temps_are_removed_and_live_ones_kept(tmp_path):
         (tmp_path / name / "adapter_model.safetensors").write_text("x")
     (tmp_path / f".tmp-checkpoint-7-{dead}.txt").write_text("a file, not a writer's folder")
     stale_files = [f".run.json.tmp-{dead}-0a1b2c3d"]  # write_file_atomically's, from a killed writer
-    kept_files = [f".run.json.tmp-{alive}-0a1b2c3d", f".run.json.old-{dead}-0a1b2c3d", f".tmp-checkpoint-8-{dead}"]
+    kept_files = [f".run.json.tmp-{alive}-0a1b2c3d", f".run.json.old-{dead}-0a1b2c3d",
+                  f".tmp-checkpoint-8-{dead}"]
     for name in stale_files + kept_files:
         (tmp_path / name).write_text("{")
     removed = remove_stale_temps(tmp_path)
@@ -67,7 +69,8 @@ def test_stale_temps_are_removed_and_live_ones_kept(tmp_path):
 
 def test_only_the_named_targets_temps_are_removed(tmp_path):
     dead = dead_pid()
-    for name in (f".adapter.tmp-{dead}-0a1b2c3d", f".merged.tmp-{dead}-0a1b2c3d", f".tmp-checkpoint-5-{dead}"):
+    for name in (f".adapter.tmp-{dead}-0a1b2c3d", f".merged.tmp-{dead}-0a1b2c3d",
+                 f".tmp-checkpoint-5-{dead}"):
         (tmp_path / name).mkdir()
     assert [p.name for p in remove_stale_temps(tmp_path, "adapter")] == [f".adapter.tmp-{dead}-0a1b2c3d"]
     assert [p.name for p in remove_stale_temps(tmp_path, "checkpoint-5")] == [f".tmp-checkpoint-5-{dead}"]
@@ -107,7 +110,8 @@ def test_write_folder_atomically_creates_swaps_merges_or_refuses(tmp_path):
     write_folder_atomically(target, writer("two"), replaceable={"a.txt", "b.txt"})  # swapped whole
     assert sorted(p.name for p in target.iterdir()) == ["a.txt", "b.txt"]
     (target / "keep.txt").write_text("mine")
-    write_folder_atomically(target, writer("three"), replaceable={"a.txt", "b.txt"}, merge_order=["b.txt", "a.txt"])
+    write_folder_atomically(target, writer("three"), replaceable={"a.txt", "b.txt"},
+                            merge_order=["b.txt", "a.txt"])
     assert (target / "a.txt").read_text() == "three" and (target / "keep.txt").read_text() == "mine"
     with pytest.raises(FileExistsError, match=r"out already exists and holds a.txt, b.txt, keep.txt; choose"):
         write_folder_atomically(target, writer("four"), replaceable=())
@@ -198,7 +202,8 @@ def test_a_file_write_failing_midway_keeps_the_old_file_and_leaves_no_temp(tmp_p
     with pytest.raises(type(error)):
         write_file_atomically(target, fail_midway)
     assert target.read_bytes() == b"GGUF old"
-    assert seen[0].parent == tmp_path and re.fullmatch(rf"\.model\.gguf\.tmp-{os.getpid()}-[0-9a-f]{{8}}", seen[0].name)
+    assert seen[0].parent == tmp_path and re.fullmatch(rf"\.model\.gguf\.tmp-{os.getpid()}-[0-9a-f]{{8}}",
+                                                       seen[0].name)
     assert only_names(tmp_path) == ["model.gguf"]
     with pytest.raises(type(error)):
         write_file_atomically(tmp_path / "new.gguf", fail_midway)
@@ -210,7 +215,8 @@ def test_written_files_get_the_umasks_mode(umask, tmp_path):
     write_file_atomically(target, lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp)))  # safetensors: 0600
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
     target.chmod(0o600)
-    write_file_atomically(target, lambda tmp: tmp.write_text("replaced"))  # the new file's mode, not the old's
+    # the new file's mode, not the old's
+    write_file_atomically(target, lambda tmp: tmp.write_text("replaced"))
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
 
 
@@ -256,5 +262,6 @@ def test_metrics_trimmed_on_resume_are_kept_when_the_rewrite_fails(tmp_path, mon
 def test_the_loss_plot_is_a_png_written_in_one_rename(tmp_path):
     events = [{"kind": "train", "step": step, "loss": 2.0 / step} for step in (1, 2, 3)]
     path = plot_losses(events, tmp_path / "loss.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the format follows loss.png, not the temporary name
+    # the format follows loss.png, not the temporary name
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert only_names(tmp_path) == ["loss.png"]

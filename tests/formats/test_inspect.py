@@ -32,18 +32,23 @@ def test_a_sound_adapter_has_no_problems(adapter, capsys):
 
 SPOILED = {
     "r=0": (lambda f: edit_config(f, r=0), "r must be an integer >= 1, got 0"),
-    "alpha not a number": (lambda f: edit_config(f, lora_alpha="abc"), "lora_alpha must be a number > 0, got 'abc'"),
-    "IA3": (lambda f: edit_config(f, peft_type="IA3"), "has peft_type 'IA3'; lorakit loads LoRA adapters only"),
+    "alpha not a number": (lambda f: edit_config(f, lora_alpha="abc"),
+                           "lora_alpha must be a number > 0, got 'abc'"),
+    "IA3": (lambda f: edit_config(f, peft_type="IA3"),
+            "has peft_type 'IA3'; lorakit loads LoRA adapters only"),
     "LoRA bias": (lambda f: edit_config(f, lora_bias=True),
                   r"uses a LoRA bias on B \(lora_bias\), which lorakit does not implement"),
-    "config r differs from tensors": (lambda f: edit_config(f, r=8), "4 module.s. hold rank-2 tensors where the "
-                                      "config gives r=8: model.layers.0.self_attn.q_proj, model.layers.0.self_attn"
-                                      ".v_proj, model.layers.1.self_attn.q_proj, model.layers.1.self_attn.v_proj$"),
-    "rank_pattern differs": (lambda f: edit_config(f, rank_pattern={"v_proj": 4}), "2 module.s. hold rank-2 tensors "
+    "config r differs from tensors": (lambda f: edit_config(f, r=8),
+                                      "4 module.s. hold rank-2 tensors where the config gives r=8: "
+                                      "model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj, "
+                                      "model.layers.1.self_attn.q_proj, model.layers.1.self_attn.v_proj$"),
+    "rank_pattern differs": (lambda f: edit_config(f, rank_pattern={"v_proj": 4}),
+                             "2 module.s. hold rank-2 tensors "
                              "where the config gives r=4: model.layers.0.self_attn.v_proj, model.layers.1"),
-    "integer tensor": (lambda f: edit_tensors(f, lambda t: t.update({f"{Q}.lora_A.weight": t[f"{Q}.lora_A.weight"]
-                                                                     .long()})),
-                       f"tensor '{Q}.lora_A.weight' in .* has dtype int64; adapter tensors must be floating point"),
+    "integer tensor": (lambda f: edit_tensors(f, lambda t: t.update({f"{Q}.lora_A.weight":
+                                                                     t[f"{Q}.lora_A.weight"].long()})),
+                       f"tensor '{Q}.lora_A.weight' in .* has dtype int64; adapter tensors must be "
+                       "floating point"),
 }
 
 
@@ -75,7 +80,8 @@ def test_invalid_config_values_show_as_written(adapter):
 def test_a_lora_a_without_its_b_is_a_problem(adapter):
     edit_tensors(adapter, lambda t: t.pop(f"{Q}.lora_B.weight"))
     report = inspect_adapter(adapter)
-    assert report.problems == ["module 'model.layers.0.self_attn.q_proj' has lora_A.weight but no lora_B.weight"]
+    assert report.problems == ["module 'model.layers.0.self_attn.q_proj' has lora_A.weight "
+                               "but no lora_B.weight"]
     assert "3 modules" in report.text
 
 

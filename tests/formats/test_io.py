@@ -93,7 +93,8 @@ def test_file_layout_matches_peft(tmp_path):
 def test_all_linear_is_written_as_names_and_gpt2_sets_fan_in_fan_out(tmp_path):
     save_adapter(trained(tiny_llama, LoraConfig(r=2, layers=[1])), tmp_path / "llama")
     config = json.loads((tmp_path / "llama" / "adapter_config.json").read_text())
-    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                        "up_proj", "v_proj"]
     assert config["layers_to_transform"] == [1]
     save_adapter(trained(tiny_gpt2, LoraConfig(r=2, targets=["c_attn"])), tmp_path / "gpt2")
     config = json.loads((tmp_path / "gpt2" / "adapter_config.json").read_text())
@@ -153,17 +154,20 @@ def edit_tensors(folder, change):
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 BAD_FILES = {
     "missing key": (lambda f: edit_tensors(f, lambda t: t.pop(Q_A)), "missing from the file: model.layers.0"),
-    "unexpected key": (lambda f: edit_tensors(f, lambda t: t.update({"base_model.model.x.lora_A.weight": t[Q_A].clone()})),
+    "unexpected key": (lambda f: edit_tensors(f, lambda t: t.update({"base_model.model.x.lora_A.weight":
+                                                                     t[Q_A].clone()})),
                        "fit no module of this model: x.lora_A.weight"),
     "non-finite": (lambda f: edit_tensors(f, lambda t: t[Q_A].fill_(float("nan"))), "inf or NaN"),
     "integer tensor": (lambda f: edit_tensors(f, lambda t: t.update({Q_A: t[Q_A].long()})), "floating point"),
-    "peft type": (lambda f: edit_config(f, peft_type="IA3"), "peft_type 'IA3'; lorakit loads LoRA adapters only"),
+    "peft type": (lambda f: edit_config(f, peft_type="IA3"),
+                  "peft_type 'IA3'; lorakit loads LoRA adapters only"),
     "no peft type": (lambda f: edit_config(f, peft_type=None), "peft_type None"),
     "r out of range": (lambda f: edit_config(f, r=0), "r must be an integer >= 1, got 0"),
     "dropout": (lambda f: edit_config(f, lora_dropout=1.5), r"lora_dropout must be in \[0, 1\), got 1.5"),
     "bias": (lambda f: edit_config(f, bias="some"), "bias must be one of none, all, lora_only, got 'some'"),
     "dora without magnitudes": (lambda f: edit_config(f, use_dora=True),
-                                "missing from the file: model.layers.0.self_attn.q_proj.lora_magnitude_vector"),
+                                "missing from the file: "
+                                "model.layers.0.self_attn.q_proj.lora_magnitude_vector"),
     "targets nothing": (lambda f: edit_config(f, target_modules=["qkv"]), "'qkv'.* matched no module"),
     "bad json": (lambda f: (f / "adapter_config.json").write_text("{oops"), "not valid JSON"),
     "not safetensors": (lambda f: (f / "adapter_model.safetensors").write_bytes(b"12345678garbage"),

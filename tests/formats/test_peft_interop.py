@@ -1,4 +1,5 @@
-"""PEFT reads the adapters lorakit writes, and lorakit reads the adapters PEFT writes, same logits (DoRA too)."""
+"""PEFT reads the adapters lorakit writes, and lorakit reads the adapters PEFT writes, same logits
+(DoRA too)."""
 
 import warnings
 
@@ -37,8 +38,9 @@ OURS = {
                                                             modules_to_save=["classifier"], bias="all")),
     "bert bias lora_only": (tiny_bert, LoraConfig(r=2, targets=["query", "key"], bias="lora_only")),
     "llama dora dropout": (tiny_llama, LoraConfig(r=4, alpha=8, dropout=0.05, use_dora=True)),
-    "llama dora rslora patterns": (tiny_llama, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], use_rslora=True,
-                                                          rank_pattern={"v_proj": 2}, use_dora=True)),
+    "llama dora rslora patterns": (tiny_llama, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"],
+                                                          use_rslora=True, rank_pattern={"v_proj": 2},
+                                                          use_dora=True)),
     "gpt2 conv1d dora": (tiny_gpt2, LoraConfig(r=4, targets=["c_attn", "c_proj"], use_dora=True)),
 }
 
@@ -63,17 +65,22 @@ THEIRS = {
     "llama patterns": (tiny_llama, dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
                                          rank_pattern={"v_proj": 2, "model.layers.1.mlp.down_proj": 4},
                                          alpha_pattern={"down_proj": 5}, task_type="CAUSAL_LM")),
-    "llama rslora all-linear": (tiny_llama, dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True)),
+    "llama rslora all-linear": (tiny_llama, dict(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 use_rslora=True)),
     "llama embedding": (tiny_llama, dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "o_proj"])),
-    "gpt2 conv1d": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+    "gpt2 conv1d": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                    fan_in_fan_out=True)),
     "bert seq-cls lora_only": (tiny_bert, dict(r=4, lora_alpha=8, target_modules=["query", "value"],
                                                task_type="SEQ_CLS", bias="lora_only")),
-    "bert bias all": (tiny_bert, dict(r=2, target_modules=["query"], modules_to_save=["classifier"], bias="all")),
-    "llama dora all-linear": (tiny_llama, dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)),
+    "bert bias all": (tiny_bert, dict(r=2, target_modules=["query"], modules_to_save=["classifier"],
+                                      bias="all")),
+    "llama dora all-linear": (tiny_llama, dict(r=4, lora_alpha=8, target_modules="all-linear",
+                                               use_dora=True)),
     "llama dora rslora patterns": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                    use_rslora=True, rank_pattern={"v_proj": 2}, use_dora=True)),
-    "gpt2 conv1d dora": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-                                         use_dora=True)),
+                                                    use_rslora=True, rank_pattern={"v_proj": 2},
+                                                    use_dora=True)),
+    "gpt2 conv1d dora": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                         fan_in_fan_out=True, use_dora=True)),
 }
 
 

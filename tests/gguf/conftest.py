@@ -28,7 +28,8 @@ def llama_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def llama_gguf_q8(llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same with its matrices in Q8_0, as quantized models are shipped."""
-    return merge_to_gguf(llama_gguf, None, tmp_path_factory.mktemp("tiny-gguf-q8") / "tiny-q8.gguf", "q8_0").path
+    return merge_to_gguf(llama_gguf, None, tmp_path_factory.mktemp("tiny-gguf-q8") / "tiny-q8.gguf",
+                         "q8_0").path
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

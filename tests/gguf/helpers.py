@@ -45,7 +45,8 @@ def heads_for(name: str, model: nn.Module) -> int | None:
 
 
 def tiny_base() -> tuple[nn.Module, object]:
-    """The tiny Llama (tied embeddings, 4 heads / 2 KV heads) and its BPE tokenizer that tests/hf writes as GGUF."""
+    """The tiny Llama (tied embeddings, 4 heads / 2 KV heads) and its BPE tokenizer that tests/hf writes as
+    GGUF."""
     tokenizer = build_tokenizer()
     return build_model(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id), tokenizer
 

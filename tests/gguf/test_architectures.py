@@ -21,8 +21,8 @@ def _tiny(kind: str) -> nn.Module:
     import transformers as tf
 
     torch.manual_seed(0)
-    shared = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
+    shared = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     builders = {
         "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**shared)),
         "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**shared)),
@@ -37,9 +37,10 @@ EXPECTED = {
     "mistral": {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                 "mlp.down_proj": "ffn_down"},
-    "phi3": {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"},
-    "gpt2": {"attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"},
+    "phi3": {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
+             "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"},
+    "gpt2": {"attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up",
+             "mlp.c_proj": "ffn_down"},
 }
 EXPECTED["qwen2"] = EXPECTED["gemma"] = EXPECTED["mistral"]
 GGUF_ARCH = {"mistral": "llama", "qwen2": "qwen2", "gemma": "gemma", "phi3": "phi3", "gpt2": "gpt2"}

@@ -21,7 +21,8 @@ from tests.gguf.helpers import adapted_llama, expected_updates, gguf_order, head
 CONFIGS = {
     "plain": lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"),
     "rslora": lorakit.LoraConfig(r=4, alpha=8, targets="all-linear", use_rslora=True),
-    "patterns": lorakit.LoraConfig(r=4, alpha=8, targets="all-linear", rank_pattern={"k_proj": 2, "down_proj": 6},
+    "patterns": lorakit.LoraConfig(r=4, alpha=8, targets="all-linear",
+                                   rank_pattern={"k_proj": 2, "down_proj": 6},
                                    alpha_pattern={"v_proj": 3, r"layers\.1\.mlp\.up_proj": 20}),
     "rslora+patterns": lorakit.LoraConfig(r=8, alpha=4, targets="all-linear", use_rslora=True,
                                           rank_pattern={"q_proj": 2}, alpha_pattern={"o_proj": 1.5}),
@@ -69,9 +70,10 @@ def test_metadata_names_and_orientation(tmp_path: Path, llama_folder: Path) -> N
     shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}  # GGUF order: ne[0] first
     # llama.cpp's loader: a.ne[0] == weight.ne[0] (in), b.ne[1] == weight.ne[1] (out), a.ne[1] == b.ne[0] (r)
     assert shapes["blk.0.attn_q.weight.lora_a"] == [32, 4] and shapes["blk.0.attn_q.weight.lora_b"] == [4, 32]
-    assert shapes["blk.1.ffn_down.weight.lora_a"] == [64, 4] and shapes["blk.1.ffn_down.weight.lora_b"] == [4, 32]
-    assert sorted(shapes) == sorted(f"blk.{i}.{k}.weight.lora_{ab}" for i in (0, 1) for k in ("attn_q", "ffn_down")
-                                    for ab in "ab")
+    assert (shapes["blk.1.ffn_down.weight.lora_a"] == [64, 4]
+            and shapes["blk.1.ffn_down.weight.lora_b"] == [4, 32])
+    assert sorted(shapes) == sorted(f"blk.{i}.{k}.weight.lora_{ab}" for i in (0, 1)
+                                    for k in ("attn_q", "ffn_down") for ab in "ab")
 
 
 def test_permutation_is_needed(tmp_path: Path, llama_folder: Path) -> None:
@@ -119,7 +121,8 @@ def test_cli_writes_and_replaces_atomically(tmp_path: Path, llama_folder: Path, 
     adapter = save(adapted_llama(CONFIGS["patterns"]), tmp_path / "ad")
     out = tmp_path / "a.gguf"
     out.write_text("old")
-    assert main(["export", str(adapter), "--format", "gguf", "-o", str(out), "--base", str(llama_folder)]) == 0
+    assert main(["export", str(adapter), "--format", "gguf", "-o", str(out),
+                 "--base", str(llama_folder)]) == 0
     printed = capsys.readouterr().out
     assert "14 LoRA pairs for a llama base" in printed and "folded into lora_b" in printed
     assert gguf.GGUFReader(out).get_field("adapter.type") is not None
@@ -171,7 +174,8 @@ def _bad_inputs(tmp: Path, base: Path) -> dict[str, tuple[list[str], str]]:
     tiny_llama(hidden=48).save_pretrained(tmp / "wide")
     (tmp / "folder.gguf").mkdir()
     return {
-        "outtype": ([str(plain), "--outtype", "q4_k", "--base", str(base)], "unknown --outtype 'q4_k'; accepted:"),
+        "outtype": ([str(plain), "--outtype", "q4_k", "--base", str(base)],
+                    "unknown --outtype 'q4_k'; accepted:"),
         "format": ([str(plain), "--format", "onnx", "--base", str(base)], "unknown --format 'onnx'"),
         "folder": ([str(plain), "--base", str(base), "-o", str(tmp / "folder.gguf")], "is a folder"),
         "architecture": ([str(plain), "--base", str(tmp / "bert")], "'bert' model; lorakit writes GGUF for"),

@@ -46,7 +46,8 @@ def test_adapter_changes_llamacpp_logits_as_lorakits(setup: dict[str, Any]) -> N
 
 
 def test_merged_gguf_generates_what_base_plus_adapter_generates(setup: dict[str, Any]) -> None:
-    figures = gguf_interop.merged_generation(setup["model"], setup["tokenizer"], setup["adapter"], setup["work"])
+    figures = gguf_interop.merged_generation(setup["model"], setup["tokenizer"], setup["adapter"],
+                                             setup["work"])
     print("\nmerged:", json.dumps(figures))
     for row in figures["prompts"]:
         assert row["same"], row
@@ -58,7 +59,8 @@ DEMO_ADAPTER = os.environ.get("LORAKIT_DEMO_ADAPTER", "runs/demo/adapter")
 
 
 @pytest.mark.skipif(not Path(DEMO_ADAPTER, "adapter_config.json").is_file(),
-                    reason=f"no demo adapter at {DEMO_ADAPTER} (make demo trains it; or set LORAKIT_DEMO_ADAPTER)")
+                    reason=f"no demo adapter at {DEMO_ADAPTER} (make demo trains it; "
+                           "or set LORAKIT_DEMO_ADAPTER)")
 def test_demo_adapter_keeps_its_skill_in_llamacpp(setup: dict[str, Any]) -> None:
     scores = gguf_interop.demo_exact_match(Path(DEMO_ADAPTER), setup["base"], setup["work"])
     print("\ndemo:", json.dumps(scores))

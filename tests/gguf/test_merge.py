@@ -1,4 +1,5 @@
-"""lorakit merge --output merged.gguf: a GGUF base with the adapter folded in, read back with gguf's reader."""
+"""lorakit merge --output merged.gguf: a GGUF base with the adapter folded in, read back with gguf's
+reader."""
 
 from __future__ import annotations
 
@@ -112,13 +113,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, llama_gguf: Pa
     (tmp_path / "dir.gguf").mkdir()
     cases = {
         "folder base": (["--model", str(llama_folder)], "lorakit merges from a GGUF base only"),
-        "outtype": (["--model", str(llama_gguf), "--outtype", "bf16"], "unknown --outtype 'bf16'; accepted: f32, "
-                                                                        "f16, q8_0"),
+        "outtype": (["--model", str(llama_gguf), "--outtype", "bf16"],
+                    "unknown --outtype 'bf16'; accepted: f32, f16, q8_0"),
         "quantize": (["--model", str(llama_gguf), "--quantize", "nf4"], "--quantize does not apply"),
-        "output folder": (["--model", str(llama_gguf), "--output", str(tmp_path / "dir.gguf")], "is a folder"),
-        "output is source": (["--model", str(llama_gguf), "--output", str(llama_gguf)], "is the file being read"),
-        "outtype for a folder": (["--model", str(llama_gguf), "--output", str(tmp_path / "merged"), "--outtype",
-                                  "f16"], "--outtype applies to a .gguf --output only"),
+        "output folder": (["--model", str(llama_gguf), "--output", str(tmp_path / "dir.gguf")],
+                          "is a folder"),
+        "output is source": (["--model", str(llama_gguf), "--output", str(llama_gguf)],
+                             "is the file being read"),
+        "outtype for a folder": (["--model", str(llama_gguf), "--output", str(tmp_path / "merged"),
+                                  "--outtype", "f16"], "--outtype applies to a .gguf --output only"),
     }
     size = llama_gguf.stat().st_size
     for case, (args, words) in cases.items():
@@ -134,7 +137,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, llama_gguf: Pa
     assert not any((tmp_path / "dir.gguf").iterdir())
 
 
-def test_lorakit_loads_the_merged_file_as_base_plus_adapter(tmp_path: Path, llama_gguf: Path, monkeypatch) -> None:
+def test_lorakit_loads_the_merged_file_as_base_plus_adapter(tmp_path: Path, llama_gguf: Path,
+                                                            monkeypatch) -> None:
     """An independent reader: lorakit's load_model (transformers' GGUF loader, which undoes the q/k
     permutation itself) sees the merged file as the base with the adapter active, tokenizer and chat
     template included."""

@@ -61,8 +61,8 @@ def test_gradcheck_with_a_fixed_mask():
     a = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     mask = (torch.rand(6, 5) > 0.4).to(torch.uint8)
-    assert torch.autograd.gradcheck(lambda x, a, b: LoraLinearFunction.apply(x, weight, None, a, b, 0.7, mask),
-                                    (x, a, b))
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: LoraLinearFunction.apply(x, weight, None, a, b, 0.7, mask), (x, a, b))
 
 
 def test_backward_keeps_the_input_itself_and_no_copy_of_it():
@@ -120,7 +120,8 @@ def test_other_cases_take_the_general_path(case):
     layer = model.up
     expected = layer.base(x).float()
     for name in layer.active_adapters:
-        expected = expected + layer.scaling[name] * (x.float() @ layer.a(name).weight.float().T) @ layer.b(name).weight.float().T
+        expected = (expected + layer.scaling[name] * (x.float() @ layer.a(name).weight.float().T)
+                    @ layer.b(name).weight.float().T)
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
 
 
@@ -149,7 +150,8 @@ def test_the_fused_layer_trains_like_the_general_one(monkeypatch):
         if not fused:
             monkeypatch.setattr(paths, "fused_adapter", lambda *args: None)
         q_proj = model.model.layers[0].self_attn.q_proj
-        assert (type(fused_node(q_proj(torch.randn(2, 32)))).__name__ == "LoraLinearFunctionBackward") == fused
+        assert (type(fused_node(q_proj(torch.randn(2, 32)))).__name__
+                == "LoraLinearFunctionBackward") == fused
         results.append(loss_and_grads(model, tokens()))
     (loss_f, grads_f), (loss_g, grads_g) = results
     torch.testing.assert_close(loss_f, loss_g, rtol=1e-6, atol=1e-6)
@@ -187,11 +189,13 @@ def test_a_4bit_base_keeps_no_dropped_out_copy_and_no_dense_weight():
     x = torch.randn(8, 16, requires_grad=True)
     out = layer(x)
     node = fused_node(out)
-    assert type(node).__name__ == "LoraLinearFunctionBackward"  # the fused path, W dequantized again in backward
+    # the fused path, W dequantized again in backward
+    assert type(node).__name__ == "LoraLinearFunctionBackward"
     assert not [t for t in node.saved_tensors if t is not None and t.shape == (layer.out_features, 16)]
     input_sized = [t for t in node.saved_tensors if t is not None and t.shape == x.shape]
     assert [str(t.dtype) for t in input_sized] == ["torch.float32"]
-    assert [t.numel() for t in node.saved_tensors if t is not None and t.dtype == torch.uint8] == [x.numel() // 8]
+    assert [t.numel() for t in node.saved_tensors
+            if t is not None and t.dtype == torch.uint8] == [x.numel() // 8]
     out.sum().backward()
     assert x.grad is not None and layer.a("default").weight.grad is not None
 

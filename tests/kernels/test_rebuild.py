@@ -109,7 +109,8 @@ def test_an_a_side_on_a_marked_norm_has_the_plain_formulas_values_and_gradients(
     grads = [torch.randn_like(t) for t in theirs]
     for o, t in zip(ours, theirs, strict=True):
         torch.testing.assert_close(o, t, rtol=1e-12, atol=1e-12)
-    for g, w in zip(torch.autograd.grad(ours, leaves, grads), torch.autograd.grad(theirs, leaves, grads), strict=True):
+    for g, w in zip(torch.autograd.grad(ours, leaves, grads), torch.autograd.grad(theirs, leaves, grads),
+                    strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
@@ -129,7 +130,8 @@ def test_a_marked_module_that_hands_back_its_input_is_not_masked_in_place():
     linears = members()
     ours = lora_linears_one_input(module(x), linears, 0.3)
     mask = dropout_mask(x, 0.3)
-    theirs = [x @ w.T + s * ((x * mask / (1 - quantized_dropout(0.3))) @ a.T) @ b.T for w, _, a, b, s in linears]
+    theirs = [x @ w.T + s * ((x * mask / (1 - quantized_dropout(0.3))) @ a.T) @ b.T
+              for w, _, a, b, s in linears]
     leaves = (hidden, *[t for _, _, a, b, _ in linears for t in (a, b)])
     grads = [torch.randn_like(t) for t in theirs]
     ours_grads = torch.autograd.grad(ours, leaves, grads, retain_graph=True)  # the two graphs share x

@@ -33,12 +33,14 @@ def test_values_and_gradients_equal_the_plain_formula(p, with_bias):
     if p:
         assert mask is not None and 0 < mask.float().mean() < 1
     x_in = x if mask is None else x * mask / (1 - quantized_dropout(p))
-    theirs = [x @ w.T + (0 if bias is None else bias) + s * (x_in @ a.T) @ b.T for w, bias, a, b, s in linears]
+    theirs = [x @ w.T + (0 if bias is None else bias) + s * (x_in @ a.T) @ b.T
+              for w, bias, a, b, s in linears]
     leaves = (x, *[t for _, _, a, b, _ in linears for t in (a, b)])
     grads = [torch.randn_like(y) for y in theirs]
     for o, t in zip(ours, theirs, strict=True):
         torch.testing.assert_close(o, t, rtol=1e-12, atol=1e-12)
-    for g, w in zip(torch.autograd.grad(ours, leaves, grads), torch.autograd.grad(theirs, leaves, grads), strict=True):
+    for g, w in zip(torch.autograd.grad(ours, leaves, grads), torch.autograd.grad(theirs, leaves, grads),
+                    strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
@@ -51,7 +53,8 @@ def test_gradcheck_with_a_fixed_mask():
     def two(x, a1, a2, f1, f2):
         xa = SharedASideFunction.apply(x, mask, None, a1, a2)
         s1, s2 = xa.split([a1.shape[0], a2.shape[0]], dim=1)
-        return BaseAndBFunction.apply(x, w1, b1, s1, f1, 0.7), BaseAndBFunction.apply(x, w2, None, s2, f2, 1.3)
+        return (BaseAndBFunction.apply(x, w1, b1, s1, f1, 0.7),
+                BaseAndBFunction.apply(x, w2, None, s2, f2, 1.3))
 
     assert torch.autograd.gradcheck(two, (x, a1, a2, f1, f2))
 

@@ -21,8 +21,8 @@ def test_values_and_gradients_equal_silu_times_up():
     ours = swiglu(gate, up)
     theirs = torch.nn.functional.silu(gate) * up
     assert torch.equal(ours, theirs)
-    for a, b in zip(torch.autograd.grad(ours, (gate, up), grad), torch.autograd.grad(theirs, (gate, up), grad),
-                    strict=True):
+    for a, b in zip(torch.autograd.grad(ours, (gate, up), grad),
+                    torch.autograd.grad(theirs, (gate, up), grad), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -80,8 +80,8 @@ def test_swiglu_with_lora_down_equals_the_plain_formula(with_mask):
     for g, w in zip(torch.autograd.grad(ours, (gate, up, a, b), grad),
                     torch.autograd.grad(theirs, (gate, up, a, b), grad), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda g, u, a, b: SwiGLULoraFunction.apply(g, u, weight, bias, a, b, 0.7, mask),
-                                    (gate, up, a, b))
+    assert torch.autograd.gradcheck(
+        lambda g, u, a, b: SwiGLULoraFunction.apply(g, u, weight, bias, a, b, 0.7, mask), (gate, up, a, b))
 
 
 @pytest.mark.parametrize("trainable", ["gate", "up", "a", "b", "gate up"])
@@ -103,7 +103,8 @@ def test_swiglu_with_lora_down_gives_each_gradient_alone(trainable):
         (torch.nn.functional.silu(gate) * up * mask) @ a.T) @ b.T
     grad = torch.randn_like(ours)
     wanted = [tensors[n] for n in names]
-    for g, w in zip(torch.autograd.grad(ours, wanted, grad), torch.autograd.grad(theirs, wanted, grad), strict=True):
+    for g, w in zip(torch.autograd.grad(ours, wanted, grad), torch.autograd.grad(theirs, wanted, grad),
+                    strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     for name, value in before.items():
         assert torch.equal((tensors | {"mask": mask})[name], value), name
@@ -121,4 +122,5 @@ def test_with_lora_on_down_the_mlp_keeps_gate_and_up_but_not_downs_input():
         node = node.next_functions[0][0]
     wide = [t for t in node.saved_tensors if t.shape == (6, 64)]  # (tokens, intermediate)
     assert [str(t.dtype) for t in wide] == ["torch.float32", "torch.float32"]  # gate, up
-    assert [t.numel() for t in node.saved_tensors if t.dtype == torch.uint8] == [6 * 64 // 8]  # the packed mask
+    assert [t.numel() for t in node.saved_tensors
+            if t.dtype == torch.uint8] == [6 * 64 // 8]  # the packed mask

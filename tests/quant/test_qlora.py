@@ -47,7 +47,8 @@ def test_gpt2_conv1d_quantized_then_adapted_matches_dequantized_reference():
     layer = model.transformer.h[0].attn.c_attn
     x = torch.randn(3, 32)
     weight = layer.base.dequantize_weight(torch.float32)  # (out, in)
-    expected = x @ weight.T + layer.base.bias + layer.scaling["default"] * layer.b("default")(layer.a("default")(x))
+    expected = (x @ weight.T + layer.base.bias
+                + layer.scaling["default"] * layer.b("default")(layer.a("default")(x)))
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -110,7 +111,8 @@ def test_a_4bit_llama_on_the_fused_paths_trains_as_on_the_plain_ones(dropout, mo
         torch.manual_seed(0)
         loss = model(input_ids=tokens(), labels=tokens()).loss
         nodes = {type(node).__name__ for node in autograd_nodes(loss)}
-        fused_nodes = {"SwiGLULoraFunctionBackward", "SharedASideFunctionBackward", "LoraLinearFunctionBackward"}
+        fused_nodes = {"SwiGLULoraFunctionBackward", "SharedASideFunctionBackward",
+                       "LoraLinearFunctionBackward"}
         assert (fused_nodes <= nodes) if fused else not (fused_nodes & nodes)
         loss.backward()
         monkeypatch.undo()

@@ -14,7 +14,8 @@ def request(url: str, method: str, path: str, body: bytes | dict | None = None,
     parsed = urlparse(url)
     connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
     data = json.dumps(body).encode() if isinstance(body, dict) else body
-    connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    connection.request(method, path, body=data,
+                       headers={"Content-Type": "application/json", **(headers or {})})
     response = connection.getresponse()
     raw = response.read().decode()
     connection.close()
@@ -25,7 +26,8 @@ def request(url: str, method: str, path: str, body: bytes | dict | None = None,
     return response.status, {k.lower(): v for k, v in response.getheaders()}, content
 
 
-def post(url: str, path: str, body: bytes | dict, headers: dict[str, str] | None = None) -> tuple[int, dict, Any]:
+def post(url: str, path: str, body: bytes | dict,
+         headers: dict[str, str] | None = None) -> tuple[int, dict, Any]:
     return request(url, "POST", path, body, headers)
 
 

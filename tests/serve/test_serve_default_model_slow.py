@@ -1,4 +1,5 @@
-"""The real default model (SmolLM2-135M-Instruct) served with two adapters: answers equal `lorakit generate`."""
+"""The real default model (SmolLM2-135M-Instruct) served with two adapters: answers equal
+`lorakit generate`."""
 
 from __future__ import annotations
 

@@ -244,7 +244,8 @@ def test_dora_adapters_are_refused_at_load(served, files):
     try:
         config_file = folder / "adapter_config.json"
         config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_dora": True}))
-        status, _, body = post(served.url, "/v1/load_lora_adapter", {"lora_name": "d", "lora_path": folder.name})
+        status, _, body = post(served.url, "/v1/load_lora_adapter",
+                               {"lora_name": "d", "lora_path": folder.name})
     finally:
         shutil.rmtree(folder)
     assert status == 400

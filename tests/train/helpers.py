@@ -29,5 +29,6 @@ def write_data(folder: Path, count: int = 24) -> Path:
     with path.open("w") as handle:
         for i in range(count):
             a, b = words[i % 8], words[(i * 3 + 1) % 8]
-            handle.write(json.dumps({"prompt": f"Question: {a} {b}? Answer:", "completion": f" {b} {a}"}) + "\n")
+            handle.write(json.dumps({"prompt": f"Question: {a} {b}? Answer:", "completion": f" {b} {a}"})
+                         + "\n")
     return path

@@ -48,7 +48,8 @@ class Together:
 
 @dataclass(frozen=True)
 class Alone:
-    """One-process runs side by side: rank r trains `values[r]` alone, or sits this job out where it is None."""
+    """One-process runs side by side: rank r trains `values[r]` alone, or sits this job out where it
+    is None."""
 
     values: list[dict[str, Any] | None]
 
@@ -68,7 +69,8 @@ def run_ranks(world: int, jobs: list[Any]) -> list[list[Outcome]]:
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)  # (no effect once the forkserver runs: it keeps its modules)
     results = context.Queue()
-    processes = [context.Process(target=_rank_main, args=(rank, world, port, jobs, results)) for rank in range(world)]
+    processes = [context.Process(target=_rank_main, args=(rank, world, port, jobs, results))
+                 for rank in range(world)]
     for process in processes:
         process.start()
     outcomes: dict[int, Any] = {}
@@ -79,7 +81,8 @@ def run_ranks(world: int, jobs: list[Any]) -> list[list[Outcome]]:
                 outcomes[rank] = outcome
             except queue.Empty:
                 # A rank that died without reporting (faulthandler's exit, a crash in C) ends the wait.
-                dead = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0) and r not in outcomes]
+                dead = [r for r, p in enumerate(processes)
+                        if p.exitcode not in (None, 0) and r not in outcomes]
                 assert not dead, f"rank(s) {dead} died (exit codes {[processes[r].exitcode for r in dead]})"
     finally:
         for process in processes:
@@ -92,8 +95,8 @@ def run_ranks(world: int, jobs: list[Any]) -> list[list[Outcome]]:
 
 
 def _rank_main(rank: int, world: int, port: int, jobs: list[Any], results: Any) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     outcomes = []
     try:

@@ -1,4 +1,5 @@
-"""Several processes, one run: DDP and FSDP2 on gloo give one process's adapter, and resume across world sizes.
+"""Several processes, one run: DDP and FSDP2 on gloo give one process's adapter, and resume across world
+sizes.
 
 Real ranks (tests/train/ranks.py): forked processes with torchrun's variables set, joined by a gloo
 process group. Starting ranks costs more than training the tiny model, so one start of 2 ranks runs
@@ -39,7 +40,8 @@ def settings(tmp_path: Path, name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def cut_at_checkpoint_2(source: Path, folder: Path) -> Path:
-    """A copy of a finished run with everything after checkpoint-2 dropped, as kill -9 there would leave it."""
+    """A copy of a finished run with everything after checkpoint-2 dropped, as kill -9 there would
+    leave it."""
     shutil.copytree(source, folder)
     for stale in ("checkpoint-4", "adapter", "loss.png"):
         shutil.rmtree(folder / stale, ignore_errors=True)
@@ -77,7 +79,8 @@ def train_command(argv: list[str], rank: int) -> str:
 
 def nf4_shards(rank: int) -> str:
     """QLoRA's tiny model under FSDP2 on this rank: the bytes of the NF4 tensors and of the whole frozen base
-    it holds, and whether its loss and adapter gradients are bit-equal to the unsharded model's in this process."""
+    it holds, and whether its loss and adapter gradients are bit-equal to the unsharded model's in this
+    process."""
     from torch.distributed.tensor import DTensor
 
     from lorakit.core.config import LoraConfig
@@ -114,7 +117,8 @@ def nf4_shards(rank: int) -> str:
         grads.append({n: full_tensor(p.grad) for n, p in model.named_parameters() if p.requires_grad})
     # Both ranks fed the same rows and the gradients are summed over the ranks (parallel.py): WORLD times
     # one process's, exactly (a power of two).
-    same = torch.equal(losses[0], losses[1]) and all(torch.equal(grads[0][n], WORLD * grads[1][n]) for n in grads[1])
+    same = (torch.equal(losses[0], losses[1])
+            and all(torch.equal(grads[0][n], WORLD * grads[1][n]) for n in grads[1]))
     local, total = base_bytes(models[0])
     return f"nf4 {nf4_local} {nf4_whole} base {local} {total} bit-equal {same}"
 
@@ -146,7 +150,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     on_two: dict[str, Any] = {
         "references": Alone([run("single"), run("single_qlora", quantize="nf4")]),
         "dora reference": Alone([None, run("single_dora", use_dora=True)]),
-        "ddp": Together(run("ddp", batch_size=2, grad_accum=1, global_batch_size=8, distributed=DDP), plot=True),
+        "ddp": Together(run("ddp", batch_size=2, grad_accum=1, global_batch_size=8, distributed=DDP),
+                        plot=True),
         "ddp_gc": Together(run("ddp_gc", batch_size=2, distributed=DDP, gradient_checkpointing=True)),
         "ddp_qlora": Together(run("ddp_qlora", batch_size=2, distributed=DDP, quantize="nf4")),
         "ddp_dora": Together(run("ddp_dora", batch_size=2, distributed=DDP, use_dora=True)),
@@ -160,17 +165,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         "cut": partial(on_rank_0, partial(cut_runs, [(folder / source, folder / cut) for source, cut in (
             ("single", "fsdp_from_one"), ("ddp", "ddp_on_one"), ("fsdp", "fsdp_on_one"),
             ("ddp", "ddp_other_batch"), ("ddp", "ddp_on_four"), ("fsdp", "fsdp_on_four"))])),
-        # Checkpointed by one process, resumed on 2 ranks: rank 0 reads the whole tensors, each rank keeps its shard.
+        # Checkpointed by one process, resumed on 2 ranks: rank 0 reads the whole tensors, each rank keeps
+        # its shard.
         "fsdp_from_one": Together(resumed("fsdp_from_one", batch_size=2, distributed=FSDP)),
         # Checkpointed on 2 ranks, resumed by one process (4 rows x 2 micro-batches), two side by side.
         "on_one": Alone([resumed("ddp_on_one", distributed=None), resumed("fsdp_on_one", distributed=None)]),
         "other_batch": Alone([resumed("ddp_other_batch", distributed=None, grad_accum=1), None]),
-        # The command each rank runs under `lorakit train --nproc 2` (test_distributed_cli starts that for real).
+        # The command each rank runs under `lorakit train --nproc 2` (test_distributed_cli starts that for
+        # real).
         "model folder": partial(on_rank_0, partial(save_tiny_model, folder / "tiny-model")),
         "command": partial(train_command, [
-            "train", "--model", str(folder / "tiny-model"), "--data", str(folder / "train.jsonl"), "--output-dir",
-            str(folder / "command"), "--max-steps", "2", "--r", "2", "--batch-size", "2", "--global-batch-size", "8",
-            "--max-length", "32", "--save-every", "2", "--no-progress", "--distributed", "ddp"]),
+            "train", "--model", str(folder / "tiny-model"), "--data", str(folder / "train.jsonl"),
+            "--output-dir", str(folder / "command"), "--max-steps", "2", "--r", "2", "--batch-size", "2",
+            "--global-batch-size", "8", "--max-length", "32", "--save-every", "2", "--no-progress",
+            "--distributed", "ddp"]),
     }
     # Checkpointed on 2 ranks, resumed on 4: 4 ranks x 1 row x 2 micro-batches.
     on_four: dict[str, Any] = {
@@ -179,8 +187,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     outcomes: dict[str, list[Outcome]] = {}
     for world, jobs in ((WORLD, on_two), (4, on_four)):
         by_rank = run_ranks(world, list(jobs.values()))
-        outcomes.update({name: [by_rank[rank][index] for rank in range(world)] for index, name in enumerate(jobs)})
-    together = tuple(name for jobs in (on_two, on_four) for name, job in jobs.items() if isinstance(job, Together))
+        outcomes.update({name: [by_rank[rank][index] for rank in range(world)]
+                         for index, name in enumerate(jobs)})
+    together = tuple(name for jobs in (on_two, on_four) for name, job in jobs.items()
+                     if isinstance(job, Together))
     return Runs(folder, outcomes, together)
 
 
@@ -230,7 +240,8 @@ def test_ddp_equals_one_process(runs):
 def test_fsdp2_equals_one_process_and_shards_the_base(runs):
     for job in ("fsdp", "fsdp_gc", "fsdp_qlora"):
         assert runs.status(job) == ["ok", "ok"], job
-    printed = "".join(runs.outcomes[job][0].printed for job in ("fsdp", "fsdp_gc", "fsdp_qlora", "fsdp_from_one"))
+    printed = "".join(runs.outcomes[job][0].printed
+                      for job in ("fsdp", "fsdp_gc", "fsdp_qlora", "fsdp_from_one"))
     lines = [line for line in printed.splitlines() if line.startswith("base weights per rank:")]
     assert len(lines) == 4  # once per run (float64, gradient checkpointing, QLoRA, resumed)
     for line in lines:
@@ -242,7 +253,8 @@ def test_fsdp2_equals_one_process_and_shards_the_base(runs):
     for line in runs.status("nf4_shards"):
         fields = line.split()
         local, whole, base_local, base_whole = (int(fields[i]) for i in (1, 2, 4, 5))
-        assert 0.45 * whole < local < 0.55 * whole and 0.45 * base_whole < base_local < 0.55 * base_whole, line
+        assert (0.45 * whole < local < 0.55 * whole
+                and 0.45 * base_whole < base_local < 0.55 * base_whole), line
         assert nf4_whole in (None, whole) and fields[-1] == "True", line
         nf4_whole = whole
 
@@ -272,7 +284,8 @@ def test_rank_0_alone_prints_and_writes(runs):
     assert sorted(p.name for p in (runs.folder / "ddp").iterdir()) == [
         "adapter", "checkpoint-2", "checkpoint-4", "loss.png", "metrics.jsonl", "run.json"]
     for job in runs.distributed:
-        assert [outcome.printed for outcome in runs.outcomes[job][1:]] == [""] * (len(runs.outcomes[job]) - 1), job
+        assert ([outcome.printed for outcome in runs.outcomes[job][1:]]
+                == [""] * (len(runs.outcomes[job]) - 1)), job
 
 
 def test_the_train_command_on_ranks_reports_once(runs):
@@ -300,7 +313,8 @@ def test_resume_across_world_sizes_continues_as_one_uninterrupted_process(runs):
         assert runs.status(job) == ["ok"] * len(runs.outcomes[job]), job
     assert "ddp on 4 ranks (cpu): 1 rows x 2 micro-batch(es) x 4 ranks = 8 rows per step" in \
         runs.outcomes["ddp_on_four"][0].printed
-    for job in ("on_one", "fsdp_from_one", "ddp_on_four", "fsdp_on_four"):  # rank 0 says where it went on from
+    # rank 0 says where it went on from
+    for job in ("on_one", "fsdp_from_one", "ddp_on_four", "fsdp_on_four"):
         assert "checkpoint-2 (step 2)" in runs.outcomes[job][0].printed, job
     for run in ("ddp_on_one", "fsdp_on_one", "fsdp_from_one", "ddp_on_four", "fsdp_on_four"):
         assert_same_steps(runs.folder / run, single)  # metrics.jsonl continued, not restarted

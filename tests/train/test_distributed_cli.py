@@ -33,12 +33,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_global_batch_that_does_not_split_over_nproc_is_one_line_before_any_process(tmp_path, capsys):
     data = write_data(tmp_path)
-    code = main(["train", "--nproc", "2", "--data", str(data), "--batch-size", "4", "--global-batch-size", "12",
-                 "--output-dir", str(tmp_path / "out")])
+    code = main(["train", "--nproc", "2", "--data", str(data), "--batch-size", "4",
+                 "--global-batch-size", "12", "--output-dir", str(tmp_path / "out")])
     assert code == 1
     error = capsys.readouterr().err.strip()
-    assert error == ("lorakit train: error: global_batch_size=12 does not split over 2 rank(s) x batch_size 4: "
-                     "give a multiple of 8, or change batch_size")
+    assert error == ("lorakit train: error: global_batch_size=12 does not split over 2 rank(s) x "
+                     "batch_size 4: give a multiple of 8, or change batch_size")
 
 
 def test_the_distributed_section_of_a_yaml_file_and_the_flags_meet(tmp_path):
@@ -65,15 +65,17 @@ def test_nproc_starts_the_ranks_and_kill_9_of_the_whole_job_then_resume_gives_th
 
     def command(out: str, *extra: str) -> list[str]:
         return ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / out),
-                "--max-steps", "16", "--r", "2", "--dropout", "0", "--batch-size", "2", "--global-batch-size", "8",
-                "--max-length", "32", "--save-every", "2", "--no-progress", *extra]
+                "--max-steps", "16", "--r", "2", "--dropout", "0", "--batch-size", "2",
+                "--global-batch-size", "8", "--max-length", "32", "--save-every", "2",
+                "--no-progress", *extra]
 
-    # `lorakit train --nproc 2` starts 2 ranks under torchrun (gloo); SIGKILL to the launcher's process group as
-    # soon as a checkpoint is on disk. torchrun starts each rank in a session of its own, out of that group: the
-    # ranks must end with it. (One job for both: starting ranks costs far more than these steps.)
+    # `lorakit train --nproc 2` starts 2 ranks under torchrun (gloo); SIGKILL to the launcher's process
+    # group as soon as a checkpoint is on disk. torchrun starts each rank in a session of its own, out of
+    # that group: the ranks must end with it. (One job for both: starting ranks costs far more than these
+    # steps.)
     with (tmp_path / "out.txt").open("w") as out, (tmp_path / "err.txt").open("w") as err:
-        job = subprocess.Popen([sys.executable, "-m", "lorakit", *command("killed", "--nproc", "2")], cwd=ROOT,
-                               stdout=out, stderr=err, start_new_session=True,
+        job = subprocess.Popen([sys.executable, "-m", "lorakit", *command("killed", "--nproc", "2")],
+                               cwd=ROOT, stdout=out, stderr=err, start_new_session=True,
                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
         deadline = time.monotonic() + 170
         while not (tmp_path / "killed" / "checkpoint-2").is_dir() and job.poll() is None and \
@@ -87,7 +89,8 @@ def test_nproc_starts_the_ranks_and_kill_9_of_the_whole_job_then_resume_gives_th
     killed = tmp_path / "killed"
     assert (killed / "checkpoint-2").is_dir(), (tmp_path / "err.txt").read_text()[-2000:]
     assert not (killed / "adapter").exists()  # it really was cut short
-    # The ranks ran with the command's settings, and rank 0 alone printed and wrote (the ranks run unbuffered).
+    # The ranks ran with the command's settings, and rank 0 alone printed and wrote (the ranks run
+    # unbuffered).
     printed = (tmp_path / "out.txt").read_text()
     assert printed.count("ddp on 2 ranks (cpu): 2 rows x 2 micro-batch(es) x 2 ranks = 8 rows per step") == 1
     lines = (killed / "metrics.jsonl").read_text().splitlines()

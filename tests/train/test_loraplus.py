@@ -15,7 +15,8 @@ from tests.train.test_train_loop import assert_same_adapter, config, final_adapt
 
 
 def test_groups_follow_peft_a_at_lr_b_and_vectors_at_ratio_times_lr_embeddings_their_own():
-    model = add_adapter(tiny_llama(), LoraConfig(r=4, targets=["q_proj", "o_proj", "embed_tokens"], use_dora=False))
+    model = add_adapter(tiny_llama(), LoraConfig(r=4, targets=["q_proj", "o_proj", "embed_tokens"],
+                                                 use_dora=False))
     params = [p for p in model.parameters() if p.requires_grad]
     groups = {g["name"]: g for g in parameter_groups(model, params, 1e-3, 16.0, 1e-6)}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -44,7 +45,8 @@ def test_one_adam_step_moves_b_ratio_times_further_than_a():
     ids = tokens()
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
-    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()
+             if p.requires_grad}
     for name, step in moved.items():
         expected = 16e-3 if ".lora_B." in name else 1e-3
         assert step == pytest.approx(expected, rel=1e-3), name
@@ -89,7 +91,8 @@ def test_a_ratio_that_is_not_positive_is_a_clear_error(ratio, tmp_path):
 
 def test_the_cli_flags(tmp_path, capsys):
     data = write_data(tmp_path)
-    assert main(["train", "--data", str(data), "--loraplus-ratio", "0", "--output-dir", str(tmp_path / "r")]) != 0
+    assert main(["train", "--data", str(data), "--loraplus-ratio", "0",
+                 "--output-dir", str(tmp_path / "r")]) != 0
     assert "loraplus_ratio must be a number > 0" in capsys.readouterr().err
     from lorakit.cli.train_cmd import FLAGS
 
@@ -104,10 +107,11 @@ def test_a_run_with_dora_pissa_and_loraplus_writes_a_plain_adapter_for_the_origi
 
     data = write_data(tmp_path)
     model, tokenizer = tiny_model_and_tokenizer()
-    result = train(config(tmp_path, data, use_dora=True, init="pissa_niter_2", loraplus_ratio=4.0, dropout=0.0),
-                   model, tokenizer)
+    result = train(config(tmp_path, data, use_dora=True, init="pissa_niter_2", loraplus_ratio=4.0,
+                          dropout=0.0), model, tokenizer)
     written = json.loads((result.adapter_dir / "adapter_config.json").read_text())
-    assert (written["use_dora"], written["r"], written["init_lora_weights"]) == (True, 8, True)  # converted: 2r
+    # converted: 2r
+    assert (written["use_dora"], written["r"], written["init_lora_weights"]) == (True, 8, True)
     fresh, _ = tiny_model_and_tokenizer()
     load_adapter(fresh, result.adapter_dir)
     ids = tokens(vocab=len(tokenizer))

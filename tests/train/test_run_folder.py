@@ -40,7 +40,8 @@ def test_overwrite_deletes_the_previous_run_only(tmp_path, capsys):
     run(tmp_path, max_steps=2, overwrite=True)
     assert "--overwrite: deleted the previous run" in capsys.readouterr().out
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"]
+             for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
 
@@ -65,7 +66,8 @@ def test_a_second_run_is_refused_while_the_first_holds_the_folder(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from lorakit.train.run_lock import RunLock;"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from lorakit.train.run_lock import RunLock;"
          f"lock = RunLock(Path({str(folder)!r})); lock.acquire(); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -177,7 +179,8 @@ def test_run_files_get_the_umask_permissions_and_no_temporary_folder_stays(tmp_p
     folder = tmp_path / "run"
     checkpoint = list_checkpoints(folder)[-1]
     for path in [checkpoint / "trainable.safetensors", checkpoint / "optimizer.safetensors",
-                 checkpoint / "adapter" / "adapter_model.safetensors", folder / "adapter" / "adapter_model.safetensors",
+                 checkpoint / "adapter" / "adapter_model.safetensors",
+                 folder / "adapter" / "adapter_model.safetensors",
                  folder / "run.json", folder / "metrics.jsonl"]:
         assert path.stat().st_mode & 0o777 == 0o644, path
     assert checkpoint.stat().st_mode & 0o777 == 0o755

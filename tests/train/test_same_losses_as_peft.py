@@ -14,10 +14,12 @@ def test_ten_adamw_steps_give_the_same_losses_as_peft():
     # differences of a different summation order (about 1e-3 after 10 steps at this learning rate)
     import peft
 
-    ours = add_adapter(tiny_llama(vocab=256, hidden=64).double(), LoraConfig(r=8, alpha=16, targets=TARGETS, init="random"))
+    ours = add_adapter(tiny_llama(vocab=256, hidden=64).double(),
+                       LoraConfig(r=8, alpha=16, targets=TARGETS, init="random"))
     fuse_gated_mlps(ours)  # lorakit.train's whole path: fused LoRA linears and MLPs, chunked loss
     theirs = peft.get_peft_model(tiny_llama(vocab=256, hidden=64).double(),
-                                 peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+                                 peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules=TARGETS))
     mine = dict(ours.named_parameters())
     copied = 0
     with torch.no_grad():

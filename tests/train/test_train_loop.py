@@ -27,8 +27,9 @@ def config(tmp_path: Path, data: Path, **overrides) -> TrainConfig:
 def test_training_lowers_loss_and_writes_everything(tmp_path):
     data = write_data(tmp_path)
     model, tokenizer = tiny_model_and_tokenizer()
-    result = train(config(tmp_path, data, max_steps=30, dropout=0.0, learning_rate=3e-2, val_fraction=0.25, eval_every=10,
-                          eval_exact_match=3, max_new_tokens=4, grad_accum=2), model, tokenizer)
+    result = train(config(tmp_path, data, max_steps=30, dropout=0.0, learning_rate=3e-2, val_fraction=0.25,
+                          eval_every=10, eval_exact_match=3, max_new_tokens=4, grad_accum=2),
+                   model, tokenizer)
     events = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
     losses = [e["loss"] for e in events if e["kind"] == "train"]
     assert len(losses) == 30 and losses[-1] < losses[0] * 0.7
@@ -83,7 +84,8 @@ def test_resume_after_crash_gives_the_same_adapter(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
     train(TrainConfig(**{**interrupted.to_dict(), "resume": True}), *tiny_model_and_tokenizer())
     assert_same_adapter(final_adapter(tmp_path / "interrupted"), final_adapter(tmp_path / "straight"))
-    steps = [json.loads(line)["step"] for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"]
+             for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
