@@ -11,9 +11,8 @@ EXAMPLES = """examples:
   lorakit estimate --model gpt3-175b --r 8 --targets q_proj,v_proj
   lorakit estimate --model llama-3.1-70b --r 16 --quant nf4 --batch 1 --seq 4096 --gradient-checkpointing
   lorakit estimate --model path/to/config.json
-  lorakit estimate --model llama-3.1-70b --quant nf4 --r 16 --targets q_proj,v_proj --nproc 2 \
---distributed fsdp \
-      --gradient-checkpointing
+  lorakit estimate --model llama-3.1-70b --quant nf4 --r 16 --targets q_proj,v_proj --nproc 2 \\
+      --distributed fsdp --gradient-checkpointing
 
 Shipped configs: llama-3.1-8b, llama-3.1-70b, mistral-7b, qwen2.5-7b, gpt2, smollm2-135m, gpt3-175b
 (and 'default' = smollm2-135m). Formulas: docs/estimate.md.
