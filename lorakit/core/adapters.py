@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lorakit.core.contract import is_quantized
+from lorakit.core.bases import is_quantized
 from lorakit.core.merge import merge, unmerge
 from lorakit.core.registry import (
     active_adapters,

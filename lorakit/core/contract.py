@@ -12,27 +12,21 @@ Which adapters run is the list `active_adapters`; which are folded into the base
 Nothing here changes state behind the caller's back. A new kind is one new subclass: `add`,
 `factors`, `_drop` and `forward`. A variant of an adapter (DoRA) is not a kind: it is a property of
 the adapter on the same layer, with its extra tensors in `adapter_parameters` and `peft_state`.
-The kinds are LoraLinear (layers.py) and LoraEmbedding (embedding_layer.py); docs/layers.md is the tour.
+The kinds are LoraLinear (layers.py) and LoraEmbedding (embedding_layer.py); bases.py holds what
+lorakit knows of the modules they wrap, protocols.py what they answer. docs/layers.md is the tour.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
+from lorakit.core.bases import builtin_kind, is_quantized
+from lorakit.core.protocols import FastPaths
 from lorakit.core.rows import RowAdapters, add_rows
-
-SUPPORTED_MODULES = "nn.Linear, transformers' Conv1D, nn.Embedding and lorakit's NF4Linear"
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): a linear storing its weight in x out. Matched by class name,
-    so core never imports transformers."""
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 def base_kind(module: nn.Module) -> str | None:
@@ -43,29 +37,6 @@ def base_kind(module: nn.Module) -> str | None:
         registered = layer_class(module)
         kind = None if registered is None else registered.kind_name
     return kind
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """Whether `module` is a quantized base (a 4-bit linear such as NF4Linear): the one test of that."""
-    return builtin_kind(module) == "quantized"
-
-
-def builtin_kind(module: nn.Module) -> str | None:
-    """The kinds of base lorakit's own layer kinds wrap: "linear", "conv1d", "embedding", "quantized".
-
-    The one place that tells these apart; "quantized" is any module with `in_features`,
-    `out_features` and `dequantize_weight()`, such as lorakit's NF4Linear (duck typing: core
-    imports no quantization code).
-    """
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if is_conv1d(module):
-        return "conv1d"
-    if callable(getattr(module, "dequantize_weight", None)) and hasattr(module, "in_features"):
-        return "quantized"
-    return None
 
 
 def in_out(module: nn.Module) -> tuple[int, int]:
@@ -80,21 +51,6 @@ def in_out(module: nn.Module) -> tuple[int, int]:
     if kind == "embedding":
         return int(module.num_embeddings), int(module.embedding_dim)  # type: ignore[arg-type]
     return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
-
-
-def adapter_dtype(base: nn.Module) -> torch.dtype:
-    """Adapters train in fp32 beside half-precision or quantized bases, otherwise in the base dtype."""
-    weight = getattr(base, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float64):
-        return weight.dtype
-    return torch.float32
-
-
-def base_device(base: nn.Module) -> torch.device:
-    """The device of a module's first parameter or buffer (CPU for a module holding none)."""
-    for tensor in [*base.parameters(), *base.buffers()]:
-        return tensor.device
-    return torch.device("cpu")
 
 
 KINDS: list[type[LoraLayer]] = []
@@ -115,39 +71,6 @@ def register_kind(kind: type[LoraLayer]) -> type[LoraLayer]:
 def layer_class(module: nn.Module) -> type[LoraLayer] | None:
     """The registered LoRA layer kind that wraps `module`, or None."""
     return next((kind for kind in KINDS if kind.wraps(module)), None)
-
-
-class AdapterModule(Protocol):
-    """What every lorakit wrapper answers (LoraLayer, and ModulesToSave for modules trained in full):
-    the one interface set/delete/disable, per-row, save and merge_and_unload use, without asking
-    which wrapper it is."""
-
-    path: str
-    active_adapters: list[str]
-    disabled: bool
-    row_adapters: RowAdapters | None
-
-    def adapter_names(self) -> list[str]: ...
-
-    def set_active(self, names: Sequence[str]) -> None: ...
-
-    def delete(self, name: str) -> None: ...
-
-    def peft_state(self, name: str) -> dict[str, torch.Tensor]: ...
-
-    def original(self) -> nn.Module: ...
-
-    def unloaded(self, names: Sequence[str], quantized: str | None) -> nn.Module: ...
-
-
-class FastPaths(Protocol):
-    """What lorakit.kernels hands the layers (`LoraLayer.kernels`): the fast paths, each answering
-    None where it does not apply, so the reference computation here runs instead."""
-
-    def forward(self, layer: Any, x: torch.Tensor) -> torch.Tensor | None: ...
-
-    def forward_rows(self, layer: Any, x: torch.Tensor, result: torch.Tensor,
-                     groups: list[tuple[str, torch.Tensor | None]]) -> torch.Tensor | None: ...
 
 
 class LoraLayer(nn.Module):
@@ -444,21 +367,3 @@ class LoraLayer(nn.Module):
     def extra_repr(self) -> str:
         ranks = {name: self.rank(name) for name in self.scaling}
         return f"in={self.in_features}, out={self.out_features}, ranks={ranks}, active={self.active_adapters}"
-
-
-def init_factors(a: torch.Tensor, b: torch.Tensor, init: str) -> None:
-    """Initialise A (r x in) and B (out x r) in place; B = 0 unless init is "random"."""
-    with torch.no_grad():
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # the reference implementation's choice
-        elif init == "gaussian":
-            nn.init.normal_(a, std=1 / a.shape[0])
-        elif init == "random":
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            return
-        elif init == "zeros":
-            a.zero_()
-        else:
-            raise ValueError(f"unknown init {init!r}")
-        b.zero_()

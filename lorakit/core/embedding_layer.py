@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.core.contract import LoraLayer, adapter_dtype, base_device
+from lorakit.core.bases import adapter_dtype, base_device
+from lorakit.core.contract import LoraLayer
 
 __all__ = ["LoraEmbedding"]
 

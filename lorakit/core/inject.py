@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from torch import nn
 
 from lorakit.core.adapters import set_adapter
+from lorakit.core.bases import SUPPORTED_MODULES, is_quantized
 from lorakit.core.config import ALL_LINEAR, LoraConfig, is_svd_init, path_matches
-from lorakit.core.contract import SUPPORTED_MODULES, LoraLayer, base_kind, in_out, is_quantized, layer_class
+from lorakit.core.contract import LoraLayer, base_kind, in_out, layer_class
 from lorakit.core.full_copies import ModulesToSave
 from lorakit.core.layers import LINEAR_KINDS, wrap
 from lorakit.core.registry import adapter_configs, refuse_merged

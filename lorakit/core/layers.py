@@ -6,7 +6,7 @@ are stored and how forward computes h = W0 x + s * B A dropout(x). State-dict ke
 `<path>.lora_A.<name>.weight` (embeddings, in embedding_layer.py: `<path>.lora_embedding_A.<name>`)
 as in PEFT. `layer_class` and `wrap` pick the kind for a module; model-level code imports the
 kinds from here. The forward here is the reference; lorakit.kernels computes the same faster where
-it can (contract.FastPaths).
+it can (protocols.FastPaths).
 """
 
 from __future__ import annotations
@@ -18,20 +18,9 @@ import torch
 from torch import nn
 
 from lorakit.core.attached import shared
+from lorakit.core.bases import SUPPORTED_MODULES, adapter_dtype, base_device, builtin_kind, init_factors
 from lorakit.core.config import is_svd_init
-from lorakit.core.contract import (
-    KINDS,
-    SUPPORTED_MODULES,
-    LoraLayer,
-    adapter_dtype,
-    base_device,
-    base_kind,
-    builtin_kind,
-    in_out,
-    init_factors,
-    layer_class,
-    register_kind,
-)
+from lorakit.core.contract import KINDS, LoraLayer, base_kind, in_out, layer_class, register_kind
 from lorakit.core.dora import DORA, Dora, Magnitude
 from lorakit.core.embedding_layer import LoraEmbedding
 from lorakit.core.init_methods import factors_from_weight, relative_error

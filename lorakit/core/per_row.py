@@ -17,8 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lorakit.core.bases import base_device
 from lorakit.core.config import LoraConfig
-from lorakit.core.contract import base_device
 from lorakit.core.registry import (
     adapter_configs,
     list_adapters,

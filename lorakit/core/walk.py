@@ -6,8 +6,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.core.contract import AdapterModule, LoraLayer, base_kind
+from lorakit.core.contract import LoraLayer, base_kind
 from lorakit.core.full_copies import ModulesToSave
+from lorakit.core.protocols import AdapterModule
 
 ADAPTER_MODULES = (LoraLayer, ModulesToSave)
 """The classes that implement `AdapterModule`: what the walk stops at."""

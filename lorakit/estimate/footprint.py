@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from lorakit.core.adapters import active_adapters, adapter_configs, format_trainable, trainable_parameters
+from lorakit.core.bases import is_quantized
 from lorakit.core.checks import is_positive_int
 from lorakit.core.config import ALL_LINEAR, LoraConfig, parse_targets
-from lorakit.core.contract import is_quantized
 from lorakit.core.inject import add_adapter
 from lorakit.estimate.activations import (
     Shape,

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.core.bases import is_quantized
 from lorakit.core.config import ALL_LINEAR, LoraConfig, is_svd_init, path_matches
-from lorakit.core.contract import LoraLayer, in_out, is_quantized, layer_class
+from lorakit.core.contract import LoraLayer, in_out, layer_class
 from lorakit.core.full_copies import ModulesToSave
 from lorakit.core.inject import find_targets
 from lorakit.core.layers import DORA_KEY, LAYER_KINDS

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.core.contract import is_conv1d
+from lorakit.core.bases import is_conv1d
 from lorakit.quant.nf4 import SUPPORTED_DTYPES, NF4Tensor, dequantize_nf4, quantize_nf4
 
 # The tensors holding the NF4 weight, in NF4Tensor field order; the last two exist with double quant

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorakit.core.bases import is_conv1d
 from lorakit.core.config import path_matches
-from lorakit.core.contract import is_conv1d
 from lorakit.core.walk import output_head
 from lorakit.quant.linear4bit import NF4Linear
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter
-from lorakit.core.contract import KINDS, LoraLayer, init_factors, register_kind
+from lorakit.core.bases import init_factors
+from lorakit.core.contract import KINDS, LoraLayer, register_kind
 
 
 class Mix(nn.Module):
