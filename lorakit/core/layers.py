@@ -184,9 +184,7 @@ class LoraLinear(LoraLayer):
         Layers reading the same x (q, k and v) share its cast copy and, with shared masks, its
         dropped-out copy (`shared`, core/attached.py).
         """
-        a = self.a(name)
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        a, dropout, p = self.a(name), self.lora_dropout[name], self.dropout_p(name)
         cast_needed = x.dtype != a.weight.dtype and not torch.is_autocast_enabled(x.device.type)
         x_in = x
         if p > 0 and not self.shares_dropout_mask[name]:
