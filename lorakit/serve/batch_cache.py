@@ -54,7 +54,7 @@ class BatchCache:
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order), then cut the columns that are padding in all of them."""
-        if len(rows) == self.rows:
+        if rows == list(range(self.rows)):
             return
         if not rows:
             self.__init__()  # type: ignore[misc]
@@ -68,6 +68,17 @@ class BatchCache:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, padding:], layer.values[:, :, padding:]
             self.mask = self.mask[:, padding:]
+
+    def undo_partial_step(self) -> None:
+        """Drop what a failed decode step appended: each layer's columns past the mask's width.
+
+        A forward that raises after some layers have run leaves those layers one column longer than
+        the others (and than the mask); the rows then redo the step from the cache as it was.
+        """
+        for layer in getattr(self.cache, "layers", []):
+            keys = getattr(layer, "keys", None)
+            if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[2] > self.width:
+                layer.keys, layer.values = keys[:, :, : self.width], layer.values[:, :, : self.width]
 
     def step_inputs(self, cache_arg: str) -> dict[str, Any]:
         """The forward arguments of one decode step (one new token per row), besides input_ids; the

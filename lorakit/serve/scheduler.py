@@ -170,8 +170,9 @@ class Scheduler:
         try:
             logits = self._decode(self.running, self.batch)
         except Exception:
-            # Find the rows whose forward fails alone; the batch cache was not grown, so the others redo
-            # the step.
+            # Find the rows whose forward fails alone, from the cache as it was before the step (layers
+            # that ran before the failure had appended their column); the others redo the step.
+            self.batch.undo_partial_step()
             failing = set()
             for i, sequence in enumerate(self.running):
                 alone = copy.deepcopy(self.batch)

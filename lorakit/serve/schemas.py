@@ -85,7 +85,8 @@ def parse_generation(body: bytes, chat: bool) -> GenerationRequest:
         if name in allowed or name in HARMLESS or value is None:
             continue
         if name in NEUTRAL:
-            if value not in NEUTRAL[name] or isinstance(value, bool) != isinstance(NEUTRAL[name][0], bool):
+            # equal to a neutral value of the same kind: n=true is not n=1, logprobs=0 is logprobs=false's
+            if not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in NEUTRAL[name]):
                 raise ApiError(400, f"{name}={json.dumps(value)} is not supported by this server; "
                                     f"leave {name} out (or at {json.dumps(NEUTRAL[name][0])})", name)
             continue

@@ -142,9 +142,6 @@ def test_step_inputs_add_one_column_and_the_next_positions(model):
     assert inputs["cache_position"].tolist() == [7]
 
 
-@pytest.mark.xfail(strict=True, reason="BatchCache.keep returns early whenever the row count is unchanged, "
-                                       "so it ignores a new order although its docstring promises 'in this "
-                                       "order' (no caller reorders today)")
 def test_keep_reorders_rows(model):
     batch = joined(model)
     batch.keep([0, 2, 1])

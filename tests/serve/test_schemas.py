@@ -146,9 +146,6 @@ def test_a_missing_model_and_bodies_that_are_not_json_objects():
     assert (err.param, err.message) == ("temperature", "temperature must be between 0 and 2, got nan")
 
 
-@pytest.mark.xfail(strict=True, reason="NEUTRAL lists logprobs=0 (the completions API's integer form), but "
-                                       "the type check compares with the first neutral value, false, so 0 is "
-                                       "refused")
 def test_completions_accept_logprobs_zero():
     assert parse_generation(body(model="a0", prompt="hi", logprobs=0), chat=False).prompt == "hi"
 
