@@ -8,13 +8,12 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import LoraConfig, add_adapter, delete_adapter, merge, merge_and_unload, set_adapter, unmerge
+from lorakit import LoraConfig, add_adapter, delete_adapter, merge, merge_and_unload, unmerge
 from lorakit.core.contract import LoraLayer
 from lorakit.core.layers import LoraEmbedding, LoraLinear
-from lorakit.core.registry import adapter_configs
 from lorakit.kernels import lora_function, paths
 from lorakit.kernels.paths import AUTOGRAD, FUSED, UPDATE
-from tests.models import MLP, logits, randomize_adapters, tiny_llama, tokens
+from tests.models import logits, randomize_adapters, tiny_llama, tokens
 
 
 def test_a_lora_linear_built_by_hand_is_active_and_trains():
@@ -68,68 +67,6 @@ def test_add_adapter_on_a_bare_linear():
     plain = merge_and_unload(model, ["a"])
     assert plain is linear
     torch.testing.assert_close(plain(x), adapted, rtol=1e-5, atol=1e-6)
-
-
-class LoraTwin(LoraLayer):
-    """A new kind in one class: A and B as raw parameters, forward by the formula."""
-
-    def __init__(self, base: nn.Linear, path: str) -> None:
-        super().__init__(base, path)
-        self.a_store = nn.ParameterDict()
-        self.b_store = nn.ParameterDict()
-
-    def add(self, name, r, scale, dropout=0.0, init="kaiming", share_dropout_mask=True):
-        self.a_store[name] = nn.Parameter(torch.randn(r, self.in_features))
-        self.b_store[name] = nn.Parameter(torch.randn(self.out_features, r))
-        self.scaling[name] = scale
-
-    def factors(self, name):
-        return self.a_store[name], self.b_store[name]
-
-    def _drop(self, name):
-        del self.a_store[name], self.b_store[name]
-
-    def update(self, name, x):
-        a, b = self.factors(name)
-        return x @ a.T @ b.T, self.scaling[name]
-
-    def forward(self, x):
-        h = self.base(x)
-        if self.disabled:
-            return h
-        if self.row_adapters is not None:
-            return self.forward_rows(x, h)
-        for name in self.live_adapters():
-            update, scale = self.update(name, x)
-            h = h + scale * update
-        return h
-
-
-def test_a_new_layer_kind_needs_no_change_in_model_level_code():
-    model = MLP()
-    x = torch.randn(4, 16)
-    base = model(x)
-    model.up = LoraTwin(model.up, "up")
-    for name in ("a", "b"):
-        model.up.add(name, 2, 0.5)
-        adapter_configs(model)[name] = LoraConfig(r=2, targets=["up"])
-    set_adapter(model, "a")
-    only_a = model(x)
-    assert not torch.allclose(only_a, base)
-    assert model.up.a_store["a"].requires_grad and not model.up.a_store["b"].requires_grad
-    with lorakit.disable_adapters(model):
-        torch.testing.assert_close(model(x), base, rtol=0, atol=0)
-    merge(model)
-    assert model.up.merged_adapters == ["a"]
-    torch.testing.assert_close(model(x), only_a, rtol=1e-5, atol=1e-5)
-    unmerge(model)
-    with lorakit.adapters_per_row(model, ["b", "a", None, "a"]):
-        rows = model(x)
-    torch.testing.assert_close(rows[1], only_a[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rows[2], base[2], rtol=1e-5, atol=1e-5)
-    delete_adapter(model, "a")
-    delete_adapter(model, "b")
-    assert isinstance(model.up, nn.Linear)
 
 
 def reference(layer, x):

@@ -1,5 +1,5 @@
-"""A new layer kind is one class: registered, it goes through add_adapter, save_adapter and load_adapter
-like lorakit's own kinds, with nothing else changed."""
+"""A new layer kind is one class: registered, it goes through add_adapter, save_adapter, load_adapter
+and every model-level function like lorakit's own kinds, with nothing else changed."""
 
 import json
 
@@ -8,20 +8,30 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lorakit import LoraConfig, add_adapter, load_adapter, save_adapter
+import lorakit
+from lorakit import (
+    LoraConfig,
+    add_adapter,
+    delete_adapter,
+    load_adapter,
+    merge,
+    save_adapter,
+    set_adapter,
+    unmerge,
+)
 from lorakit.core.bases import init_factors
 from lorakit.core.contract import KINDS, LoraLayer, register_kind
 
 
 class Mix(nn.Module):
-    """A module no lorakit kind knows: y = x M^T, its matrix stored as `mix` (out x in)."""
+    """A module no lorakit kind knows (not an nn.Linear): y = x W^T, W stored (out x in)."""
 
     def __init__(self, inputs: int, outputs: int) -> None:
         super().__init__()
-        self.mix = nn.Parameter(torch.randn(outputs, inputs, dtype=torch.float64))
+        self.weight = nn.Parameter(torch.randn(outputs, inputs, dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.mix.T
+        return x @ self.weight.T
 
 
 class LoraMix(LoraLayer):
@@ -35,7 +45,7 @@ class LoraMix(LoraLayer):
 
     @classmethod
     def sizes(cls, module: nn.Module) -> tuple[int, int]:
-        outputs, inputs = module.mix.shape
+        outputs, inputs = module.weight.shape
         return int(inputs), int(outputs)
 
     def __init__(self, base: nn.Module, path: str = "") -> None:
@@ -63,6 +73,8 @@ class LoraMix(LoraLayer):
         h = self.base(x)
         if self.disabled:
             return h
+        if self.row_adapters is not None:
+            return self.forward_rows(x, h)
         for name in self.live_adapters():
             update, scale = self.update(name, x)
             h = h + scale * update
@@ -111,6 +123,33 @@ def test_a_registered_kind_goes_through_add_save_and_load(mix_kind, tmp_path):
     load_adapter(fresh, tmp_path / "mix")
     assert isinstance(fresh.proj, LoraMix)
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_model_level_functions_need_no_change_for_a_registered_kind(mix_kind):
+    torch.manual_seed(0)
+    model = Model()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    base = model(x)
+    for name in ("a", "b"):
+        add_adapter(model, LoraConfig(r=2, alpha=1, targets=["proj"], init="random"), name=name)
+    set_adapter(model, "a")
+    only_a = model(x)
+    assert not torch.allclose(only_a, base)
+    assert model.proj.lora_A["a"].requires_grad and not model.proj.lora_A["b"].requires_grad
+    with lorakit.disable_adapters(model):
+        torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    merge(model)
+    assert model.proj.merged_adapters == ["a"]
+    # the contract builds deltas in fp32
+    torch.testing.assert_close(model(x), only_a, rtol=1e-6, atol=1e-6)
+    unmerge(model)
+    with lorakit.adapters_per_row(model, ["b", "a", None, "a"]):
+        rows = model(x)
+    torch.testing.assert_close(rows[1], only_a[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(rows[2], base[2], rtol=1e-10, atol=1e-10)
+    delete_adapter(model, "a")
+    delete_adapter(model, "b")
+    assert type(model.proj) is Mix
 
 
 def test_without_the_kind_the_module_is_refused(tmp_path):
