@@ -145,8 +145,8 @@ def test_model_level_functions_need_no_change_for_a_registered_kind(mix_kind):
     unmerge(model)
     with lorakit.adapters_per_row(model, ["b", "a", None, "a"]):
         rows = model(x)
-    torch.testing.assert_close(rows[1], only_a[1], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(rows[2], base[2], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(rows[1], only_a[1], rtol=1e-6, atol=1e-6)  # W after an fp32 merge round trip
+    torch.testing.assert_close(rows[2], base[2], rtol=1e-6, atol=1e-6)
     delete_adapter(model, "a")
     delete_adapter(model, "b")
     assert type(model.proj) is Mix
