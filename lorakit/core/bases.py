@@ -73,3 +73,13 @@ def init_factors(a: torch.Tensor, b: torch.Tensor, init: str) -> None:
         else:
             raise ValueError(f"unknown init {init!r}")
         b.zero_()
+
+
+def requantize_problem(module: nn.Module) -> str | None:
+    """Why the quantized base `module` cannot quantize a new weight again (its own answer to
+    `requantize_problem()`, e.g. a block type the installed library cannot write), or None.
+
+    Asked before anything changes, so a merge or a PiSSA start that cannot finish changes nothing.
+    """
+    ask = getattr(module, "requantize_problem", None)
+    return ask() if callable(ask) else None

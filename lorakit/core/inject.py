@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from lorakit.core.adapters import set_adapter
-from lorakit.core.bases import SUPPORTED_MODULES, is_quantized
+from lorakit.core.bases import SUPPORTED_MODULES, is_quantized, requantize_problem
 from lorakit.core.config import ALL_LINEAR, LoraConfig, is_svd_init, path_matches
 from lorakit.core.contract import LoraLayer, base_kind, in_out, layer_class
 from lorakit.core.full_copies import ModulesToSave
@@ -178,6 +178,13 @@ def _check_variants(targets: list[tuple[str, nn.Module]], config: LoraConfig) ->
         raise ValueError(f"init {config.init!r} works on linear layers, not on the embedding(s) "
                          f"{', '.join(no_svd[:3])}; leave them out of targets, or use init 'kaiming'")
     quantized = [path for path, module in targets if is_quantized(unwrapped(module))]
+    if is_svd_init(config.init) and quantized and config.allow_requantize:
+        problems = [(path, requantize_problem(unwrapped(module))) for path, module in targets
+                    if is_quantized(unwrapped(module))]
+        problems = [(path, problem) for path, problem in problems if problem]
+        if problems:
+            raise ValueError(f"init {config.init!r} requantizes the residual, but {problems[0][0]} (and "
+                             f"{len(problems) - 1} more) cannot be requantized: {problems[0][1]}")
     if is_svd_init(config.init) and quantized and not config.allow_requantize:
         raise ValueError(f"init {config.init!r} turns the base weight into the residual W - s B A, but "
                          f"{quantized[0]} (and {len(quantized) - 1} more) is 4-bit: pass "

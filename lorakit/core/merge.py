@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lorakit.core.bases import requantize_problem
 from lorakit.core.contract import LoraLayer
 from lorakit.core.registry import active_adapters, forget_adapters, list_adapters, unknown_adapter_error
 from lorakit.core.walk import ADAPTER_MODULES, lora_layers, model_modules, replace_module
@@ -102,6 +103,14 @@ def merge_and_unload(model: nn.Module, names: Sequence[str] | None = None,
             "quantized='dequantize' for a 16/32-bit merged model, or quantized='requantize' to "
             "quantize the merged weights again"
         )
+    if quantized == "requantize":
+        problems = {layer.path: requantize_problem(layer.base) for layer in layers
+                    if layer.path in pending_4bit}
+        problems = {path: problem for path, problem in problems.items() if problem}
+        if problems:
+            path, problem = next(iter(problems.items()))
+            raise ValueError(f"cannot requantize {path!r} (and {len(problems) - 1} more): {problem}; "
+                             "nothing was merged")
     probe = _probe_logits(model) if pending_4bit else None
     _merge_layers(model, [layer for layer in layers if layer.mergeable], names, safe=True)
     forget_adapters(model)

@@ -171,6 +171,16 @@ class GGUFLinear(nn.Module):
         out = _GGUFLinear.apply(x.to(self.compute_dtype), self.blocks(), self.qtype, shape, bias)
         return out.to(x.dtype)
 
+    def requantize_problem(self) -> str | None:
+        """Why a new weight cannot be quantized to this block type (the installed gguf cannot write
+        it), or None; merge and PiSSA ask before they change anything."""
+        if self.qtype in quantizable_types():
+            return None
+        from importlib.metadata import version
+
+        return (f"the installed gguf {version('gguf')} cannot quantize to {self.qtype} (it quantizes "
+                f"{', '.join(quantizable_types())}); merge with quantized='dequantize' for a plain linear")
+
     def requantized(self, weight: torch.Tensor) -> GGUFLinear:
         """A new GGUFLinear like this one (block type, bias, compute dtype) holding `weight` (out x in)
         quantized by gguf-py: what PiSSA's residual becomes on a GGUF base.

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorakit
-from lorakit import LoraConfig, LoraLinear, add_adapter, merge_and_unload
+from lorakit import LoraConfig, LoraLinear, add_adapter, list_adapters, merge_and_unload
 from lorakit.kernels import paths
 from lorakit.quant import GGUFLinear
 from lorakit.quant.gguf_blocks import FORMATS
@@ -219,3 +219,32 @@ def test_requantize_to_a_type_gguf_cannot_quantize_is_a_one_line_error():
     assert f"quantizes only {', '.join(quantizable_types())}; merge with quantized='dequantize'" in message
     with pytest.raises(ValueError, match="cannot quantize to Q4_K"):
         layer.requantized(layer.dequantize_weight())
+
+
+class TwoBases(nn.Module):
+    """A Q8_0 base (gguf-py writes it) beside a Q4_K one (gguf-py 0.19 cannot), reading one x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q8 = gguf_linear("Q8_0")
+        self.q4k = gguf_linear("Q4_K")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q8(x) + self.q4k(x)
+
+
+def test_merge_requantize_onto_a_type_gguf_cannot_write_changes_nothing():
+    if "Q4_K" in quantizable_types():
+        pytest.skip("this gguf quantizes Q4_K")
+    model = TwoBases()
+    add_adapter(model, LoraConfig(r=2, targets=["q8", "q4k"], init="random"))
+    x = torch.randn(3, model.q8.in_features)
+    before = model(x)
+    with pytest.raises(ValueError, match=r"cannot requantize 'q4k' \(and 0 more\): the installed gguf "
+                                         r".* cannot quantize to Q4_K.*; nothing was merged"):
+        merge_and_unload(model, quantized="requantize")
+    assert list_adapters(model) == ["default"] and isinstance(model.q4k, LoraLinear)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"cannot be requantized: the installed gguf"):
+        add_adapter(model, LoraConfig(r=2, targets=["q4k"], init="pissa", allow_requantize=True), name="p")
+    assert list_adapters(model) == ["default"]
