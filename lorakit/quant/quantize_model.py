@@ -49,6 +49,27 @@ def quantize_model(
         ValueError: unknown ``method``; the model is already quantized or already has LoRA
             layers; or there was no linear layer left to quantize.
     """
+    targets = check_quantizable(model, method, skip)
+    # Replace one layer at a time, so the full-precision weight can be freed before the next.
+    for name in targets:
+        quantize_layer(model, name, compute_dtype=compute_dtype, block_size=block_size,
+                       double_quant=double_quant)
+    _own_remaining_parameters(model)
+    return model
+
+
+def check_quantizable(
+    model: nn.Module, method: str = "nf4", skip: str | tuple[str, ...] | list[str] = ("lm_head",)
+) -> list[str]:
+    """The paths quantize_model would quantize, after checking that it may (the errors it raises).
+
+    The model's weights are never read, so a model built on the meta device can be asked (the
+    streaming load in lorakit.hf picks its layers this way, before any weight is in memory).
+
+    Raises:
+        ValueError: unknown ``method``; the model is already quantized or already has LoRA
+            layers; or there is no linear layer to quantize.
+    """
     if method not in METHODS:
         raise ValueError(f"quantization method must be one of {', '.join(METHODS)}; got {method!r}")
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
@@ -71,22 +92,30 @@ def quantize_model(
         raise ValueError(
             f"found no nn.Linear or Conv1D layer to quantize (skip={skip!r}, output head excluded)"
         )
+    return targets
 
-    # Replace one layer at a time, so the full-precision weight can be freed before the next.
-    for name in targets:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        original = parent.get_submodule(child_name)
-        layer = NF4Linear.from_linear(
-            original,
-            compute_dtype=compute_dtype,
-            block_size=block_size,
-            double_quant=double_quant,
-        )
-        layer.train(original.training)  # a model in eval mode stays in eval mode
-        setattr(parent, child_name, layer)
-    _own_remaining_parameters(model)
-    return model
+
+def quantize_layer(
+    model: nn.Module,
+    name: str,
+    compute_dtype: torch.dtype | None = None,
+    block_size: int = 64,
+    double_quant: bool = True,
+) -> NF4Linear:
+    """Replace the linear at path ``name`` of ``model`` with its :class:`NF4Linear`, keeping its train/eval
+    mode; the one step quantize_model and the streaming load share, so both give the same bits."""
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    original = parent.get_submodule(child_name)
+    layer = NF4Linear.from_linear(
+        original,
+        compute_dtype=compute_dtype,
+        block_size=block_size,
+        double_quant=double_quant,
+    )
+    layer.train(original.training)  # a model in eval mode stays in eval mode
+    setattr(parent, child_name, layer)
+    return layer
 
 
 def quantizable_linears(model: nn.Module, skip: tuple[str, ...] | list[str] = ("lm_head",)) -> list[str]:

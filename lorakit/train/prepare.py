@@ -134,24 +134,27 @@ def prepare(plan: Plan, resume_from: Path | None, model: nn.Module | None, token
 
 def _load_model(config: TrainConfig, world: World, model: nn.Module | None,
                 tokenizer: Any) -> tuple[nn.Module, Any]:
-    """The given model and tokenizer, or `config.model` loaded; on this rank's device when distributed."""
+    """The given model and tokenizer, or `config.model` loaded; on this rank's device when distributed, and
+    with its linears in 4-bit when `config.quantize` asks."""
     if model is None or tokenizer is None:
         from lorakit.hf import load_model
 
         device_name = str(world.device) if world.distributed else config.device
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=device_name)
+        # With quantize, read straight into 4-bit where the files allow (hf/load_quantized.py).
+        return load_model(config.model, dtype=config.dtype, device=device_name, quantize=config.quantize)
     if world.distributed:
         model.to(world.device)
+    if config.quantize:  # a model handed in whole is quantized where it now lies
+        from lorakit.quant import quantize_model
+
+        quantize_model(model, config.quantize)
     return model, tokenizer
 
 
 def _add_adapter_and_wrap(model: nn.Module, plan: Plan) -> nn.Module:
-    """Quantize the base if asked, add the adapter, and wrap the model for the ranks; the loss module."""
+    """Add the adapter to the (already quantized, if asked) base and wrap the model for the ranks; the
+    loss module."""
     config, world = plan.config, plan.world
-    if config.quantize:
-        from lorakit.quant import quantize_model
-
-        quantize_model(model, config.quantize)
     add_adapter(model, plan.lora)
     fuse_for_training(model)  # MLPs and q/k/v's A sides as fused functions: same values, less work
     if config.gradient_checkpointing:

@@ -69,6 +69,19 @@ def test_bad_device():
         load_model("/nonexistent/model", device="gpu0")
 
 
+def test_bad_quantize_fails_before_touching_the_spec():
+    with pytest.raises(ValueError, match=r"quantize must be None or one of 'nf4'; got 'int4'"):
+        load_model("/nonexistent/model", quantize="int4")
+
+
+def test_quantize_reads_the_folder_into_4bit(tiny):
+    from lorakit.quant import NF4Linear
+
+    model, tokenizer = load_model(tiny.folder, quantize="nf4")
+    assert isinstance(model.model.layers[1].mlp.up_proj, NF4Linear) and not model.training
+    assert tokenizer.padding_side == "right"  # the tokenizer is prepared as without quantize
+
+
 def test_missing_path(tmp_path: Path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(FileNotFoundError, match="does not exist") as error:
