@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.quant.gguf_blocks import FORMATS, BlockFormat, block_format, byte_count, dequantize
+from lorakit.quant.linear4bit import frozen_linear
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -202,13 +203,7 @@ class GGUFLinear(nn.Module):
         """
         if requantize:
             return self.requantized(weight)
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=weight.device, dtype=self.compute_dtype)
-        with torch.no_grad():
-            plain.weight.copy_(weight)
-            if isinstance(self.bias, torch.Tensor):
-                plain.bias.copy_(self.bias)
-        return plain.requires_grad_(False)
+        return frozen_linear(weight, self.bias, self.compute_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -194,13 +194,7 @@ class NF4Linear(nn.Module):
     def to_linear(self, weight: torch.Tensor, requantize: bool = False) -> nn.Module:
         """A frozen plain nn.Linear in the compute dtype holding `weight` (out x in) and this bias, or with
         `requantize` that linear quantized again: what merging deltas into a 4-bit base gives."""
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=weight.device, dtype=self.compute_dtype)
-        with torch.no_grad():
-            plain.weight.copy_(weight)
-            if isinstance(self.bias, torch.Tensor):
-                plain.bias.copy_(self.bias)
-        plain.requires_grad_(False)
+        plain = frozen_linear(weight, self.bias, self.compute_dtype)
         return NF4Linear.from_linear(plain, compute_dtype=self.compute_dtype) if requantize else plain
 
     def _quant_tensor(self, name: str) -> torch.Tensor | None:
@@ -234,6 +228,18 @@ class NF4Linear(nn.Module):
             f"bias={self.bias is not None}, "
             f"block_size={self.block_size}, double_quant={double_quant}, compute_dtype={self.compute_dtype}"
         )
+
+
+def frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """A frozen plain nn.Linear in `dtype` holding `weight` (out x in) and `bias`, on the weight's device:
+    what a quantized base becomes when deltas are merged into it without quantizing again."""
+    out_features, in_features = weight.shape
+    plain = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if isinstance(bias, torch.Tensor):
+            plain.bias.copy_(bias)
+    return plain.requires_grad_(False)
 
 
 def _frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
